@@ -277,3 +277,47 @@ def write_nact_exam(root: pathlib.Path, *, patient_id: str = "UCSF-BR-99", time_
   }
   ftv = (voi.astype(bool) & (ser > 0)).astype(np.uint8)
   return phases, ftv, paths
+
+
+def _tm(seconds: float) -> str:
+  """Seconds since midnight as DICOM TM HHMMSS."""
+  s = int(round(seconds))
+  return f"{s // 3600:02d}{s % 3600 // 60:02d}{s % 60:02d}"
+
+
+def write_multivolume(root: pathlib.Path, study: Study, grid: Grid, phases: np.ndarray, *, series_number: int,
+                      first_trigger_ms: float = 0.0, phase_step_s: float = 90.0, bolus_lead_s: float | None = None,
+                      instances_against_normal: bool = True, seed: int = 0, folder: str = "multivolume",
+                      description: str = "Ax Vibrant MultiPhase") -> list[pathlib.Path]:
+  """All `phases` [T, z, y, x] in ONE series, told apart by TriggerTime (GE multi-phase, TCGA-BRCA).
+
+  InstanceNumber counts images phase after phase; within a phase it runs against the slice
+  normal when `instances_against_normal` (so instance order and position order differ).
+  With `bolus_lead_s`, ContrastBolusStartTime lies that many seconds before phase 0 and each
+  phase's AcquisitionTime is `phase_step_s` after the previous one.
+  """
+  rng = np.random.default_rng(seed)
+  uid = generate_uid()
+  n = grid.shape[0]
+  start = 10 * 3600 + 20 * 60
+  slices = []
+  for p, volume in enumerate(phases):
+    for k in range(n):
+      rank = n - 1 - k if instances_against_normal else k
+      tags = {"TriggerTime": f"{first_trigger_ms + p * phase_step_s * 1000:g}"}
+      if bolus_lead_s is not None:
+        tags.update(AcquisitionTime=_tm(start + p * phase_step_s), ContrastBolusStartTime=_tm(start - bolus_lead_s))
+      slices.append(mr_slice(study, grid, uid, k, volume[k], description=description, series_number=series_number,
+                             instance_number=p * n + rank + 1, **tags))
+  return [_write(slices[i], root / folder, rng) for i in rng.permutation(len(slices))]
+
+
+def write_lesion_file(path: pathlib.Path, start_zyx: Sequence[int], voxels_zyx: np.ndarray) -> pathlib.Path:
+  """A TCGA-Breast-Radiogenomics `.les` file: uint16 box (y0, x0, z0, y1, x1, z1), int8 voxels in (y, x, z) order."""
+  voxels_zyx = np.asarray(voxels_zyx)
+  z0, y0, x0 = start_zyx
+  z1, y1, x1 = (s + d - 1 for s, d in zip(start_zyx, voxels_zyx.shape))
+  header = np.asarray([y0, x0, z0, y1, x1, z1], "<u2").tobytes()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(header + voxels_zyx.transpose(1, 2, 0).astype(np.int8).tobytes())
+  return path

@@ -22,6 +22,13 @@ class ManualDirError(FileNotFoundError):
   """The collection's manual download is missing; the message says what to do."""
 
 
+class CaseSkipped(CaseError):
+  """A case the collection itself excludes (e.g. a study its series key marks excluded).
+
+  Always listed in `skipped` with its reason, never a build failure, whatever `on_bad_case` says.
+  """
+
+
 @dataclasses.dataclass(eq=False)
 class GridConfig(tfds.core.BuilderConfig):
   """A builder config fixing the stored grid (slices, rows, columns)."""
@@ -95,7 +102,7 @@ class CollectionBuilder(tfds.core.GeneratorBasedBuilder):
       try:
         case = records.check_case(self._load_case(ref), self.grid_shape)
       except CaseError as e:
-        if self.on_bad_case == "fail":
+        if self.on_bad_case == "fail" and not isinstance(e, CaseSkipped):
           raise
         self.skipped.append((case_id, str(e)))
         continue

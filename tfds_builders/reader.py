@@ -650,3 +650,73 @@ def private_value(ds: pydicom.Dataset, group: int, creator: str, element: int) -
     return ds.private_block(group, creator)[element].value
   except KeyError:
     return None
+
+
+# ------------------------------------------------------------------------------------
+# Additions for the TCGA-BRCA, MAMA-MIA and external-set builders
+# ------------------------------------------------------------------------------------
+def find_child(folder: str | pathlib.Path, name: str, what: str) -> pathlib.Path | None:
+  """The entry of `folder` named `name`, compared case-insensitively; None when absent.
+
+  File-name case differs between releases of the same collection (MAMA-MIA), so an exact
+  match is preferred and any other spelling accepted; two spellings at once are ambiguous.
+  """
+  folder = pathlib.Path(folder)
+  exact = folder / name
+  if exact.exists():
+    return exact
+  if not folder.is_dir():
+    return None
+  found = sorted(p for p in folder.iterdir() if p.name.lower() == name.lower())
+  if len(found) > 1:
+    raise CaseError(f"{what}: {folder} holds {', '.join(p.name for p in found)}; expected one {name}")
+  return found[0] if found else None
+
+
+def single_phase(headers: Sequence[DicomHeader], name: str) -> Phase:
+  """The files of a series known (e.g. from a series key) to hold exactly one volume.
+
+  Sorted along the slice normal; two files at one slice position mean the series holds
+  more than one volume, which is a CaseError naming `name`.
+  """
+  positions = collections.Counter(_position_key(h) for h in headers)
+  if len(positions) != len(headers):
+    raise CaseError(f"{name}: series {headers[0].series_number} has {len(headers)} images at "
+                    f"{len(positions)} slice positions, expected one volume")
+  return Phase(_sorted_slices(headers), _phase_time(headers))
+
+
+@dataclasses.dataclass(frozen=True)
+class LesionFile:
+  """A TCGA-Breast-Radiogenomics lesion file: an inclusive voxel box and the voxels inside it.
+
+  `start` / `end` are (z, y, x) indices into the annotated DICOM series (inclusive); `voxels`
+  is the box's binary mask, (z, y, x).
+  """
+  path: pathlib.Path
+  start: tuple[int, int, int]
+  end: tuple[int, int, int]
+  voxels: np.ndarray
+
+
+def read_lesion_file(path: str | pathlib.Path, name: str) -> LesionFile:
+  """Reads a `.les` lesion file: six little-endian uint16 (y0, x0, z0, y1, x1, z1), then int8 voxels.
+
+  The voxels fill the inclusive box in (y, x, z) order, z fastest. This layout is the one
+  public parsers of the files use (TCIA's own description was not available to check); a
+  file whose size disagrees with its box is a CaseError naming it.
+  """
+  path = pathlib.Path(path)
+  data = path.read_bytes()
+  if len(data) < 12:
+    raise CaseError(f"{name}: lesion file {path} has {len(data)} bytes, shorter than its 12-byte box header")
+  y0, x0, z0, y1, x1, z1 = (int(v) for v in np.frombuffer(data[:12], "<u2"))
+  shape = (y1 - y0 + 1, x1 - x0 + 1, z1 - z0 + 1)
+  if min(shape) < 1:
+    raise CaseError(f"{name}: lesion file {path} has an empty box y {y0}-{y1}, x {x0}-{x1}, z {z0}-{z1}")
+  count = int(np.prod(shape))
+  if len(data) - 12 != count:
+    raise CaseError(f"{name}: lesion file {path} holds {len(data) - 12} voxels, its box "
+                    f"y {y0}-{y1}, x {x0}-{x1}, z {z0}-{z1} needs {count} (file truncated or not a lesion file)")
+  voxels = np.frombuffer(data[12:], np.int8).reshape(shape).transpose(2, 0, 1)
+  return LesionFile(path, (z0, y0, x0), (z1, y1, x1), (voxels != 0).astype(np.uint8))
