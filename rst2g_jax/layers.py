@@ -1,0 +1,161 @@
+"""Convolutional building blocks shared by RST2G and the U-Net baseline (NHWC).
+
+Conventions (the PyTorch reference mirrors them):
+- a convolution followed by BatchNorm has no bias: eq. 1's `b` is absorbed by BN's shift
+  (in training mode it would get an exactly zero gradient); every other conv has a bias;
+- BatchNorm uses batch statistics in `model.train()` and running statistics in
+  `model.eval()`; `bn_momentum` follows Flax (0.9 == PyTorch momentum 0.1);
+- parameters are float32, `dtype` is the compute dtype.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+  """Settings every convolutional layer of one network shares."""
+  dtype: jnp.dtype = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  @classmethod
+  def from_config(cls, cfg, dtype) -> "LayerOptions":
+    return cls(dtype=dtype, bn_momentum=cfg.bn_momentum, bn_epsilon=cfg.bn_epsilon)
+
+
+def conv(in_features: int, out_features: int, kernel_size: int, opts: LayerOptions,
+         rngs: nnx.Rngs, *, use_bias: bool = True) -> nnx.Conv:
+  """A 'SAME'-padded, stride-1 convolution."""
+  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), padding="SAME",
+                  use_bias=use_bias, dtype=opts.dtype, rngs=rngs)
+
+
+def max_pool2(x: jax.Array) -> jax.Array:
+  return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+
+
+def _apply(module: nnx.Module, x: jax.Array) -> jax.Array:
+  return module(x)
+
+
+_apply_remat = nnx.remat(_apply)
+
+
+def apply_stage(module: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
+  """module(x), rematerialised in the backward pass (jax.checkpoint) when `remat`."""
+  return (_apply_remat if remat else _apply)(module, x)
+
+
+class ConvBNReLU(nnx.Module):
+  """conv(k x k, no bias) -> BatchNorm -> ReLU (eq. 1)."""
+
+  def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3,
+               opts: LayerOptions, rngs: nnx.Rngs):
+    self.conv = conv(in_features, out_features, kernel_size, opts, rngs, use_bias=False)
+    self.bn = nnx.BatchNorm(out_features, momentum=opts.bn_momentum, epsilon=opts.bn_epsilon,
+                            dtype=opts.dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nnx.relu(self.bn(self.conv(x)))
+
+
+class DoubleConv(nnx.Module):
+  """Two ConvBNReLU layers, the unit of every encoder and decoder stage."""
+
+  def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3,
+               opts: LayerOptions, rngs: nnx.Rngs):
+    self.first = ConvBNReLU(in_features, out_features, kernel_size=kernel_size, opts=opts,
+                            rngs=rngs)
+    self.second = ConvBNReLU(out_features, out_features, kernel_size=kernel_size, opts=opts,
+                             rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.second(self.first(x))
+
+
+class DownBlock(nnx.Module):
+  """maxpool 2 -> DoubleConv, plus (if `residual`) a 1x1 projection of the pooled input.
+
+  The projection is added after the second ReLU: `out = convs(p) + proj(p)`.
+  The U-Net baseline uses `residual=False` (the classic U-Net stage).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3,
+               residual: bool = True, opts: LayerOptions, rngs: nnx.Rngs):
+    self.convs = DoubleConv(in_features, out_features, kernel_size=kernel_size, opts=opts,
+                            rngs=rngs)
+    self.proj = conv(in_features, out_features, 1, opts, rngs) if residual else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = max_pool2(x)
+    y = self.convs(x)
+    return y if self.proj is None else y + self.proj(x)
+
+
+class UpBlock(nnx.Module):
+  """2x2 transposed conv (stride 2) -> concat with the skip -> DoubleConv."""
+
+  def __init__(self, in_features: int, out_features: int, *, opts: LayerOptions,
+               rngs: nnx.Rngs):
+    self.up = nnx.ConvTranspose(in_features, out_features, (2, 2), strides=(2, 2),
+                                padding="VALID", use_bias=True, dtype=opts.dtype, rngs=rngs)
+    self.convs = DoubleConv(2 * out_features, out_features, opts=opts, rngs=rngs)
+
+  def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
+    x = self.up(x)
+    return self.convs(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1))
+
+
+class GatedFusion(nnx.Module):
+  """Channel MLP (1x1 conv in->C, ReLU, 1x1 conv C->C), then `F * sigmoid(conv1x1_C->1(F))`.
+
+  The fusion step of MSR (eqs. 7-8) and of ITA (eqs. 14-16).
+  """
+
+  def __init__(self, in_features: int, features: int, *, opts: LayerOptions, rngs: nnx.Rngs):
+    self.mlp_in = conv(in_features, features, 1, opts, rngs)
+    self.mlp_out = conv(features, features, 1, opts, rngs)
+    self.gate = conv(features, 1, 1, opts, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fused = self.mlp_out(nnx.relu(self.mlp_in(x)))
+    return fused * nnx.sigmoid(self.gate(fused))
+
+
+class CDecoder(nnx.Module):
+  """One UpBlock per encoder downsampling, deepest first, then a 1x1 conv to one logit."""
+
+  def __init__(self, widths, *, opts: LayerOptions, rngs: nnx.Rngs):
+    widths = tuple(widths)
+    self.ups = nnx.List([
+        UpBlock(widths[i + 1], widths[i], opts=opts, rngs=rngs)
+        for i in reversed(range(len(widths) - 1))])
+    self.head = conv(widths[0], 1, 1, opts, rngs)
+
+  def __call__(self, x: jax.Array, skips) -> jax.Array:
+    """x: bottleneck; skips: features of every shallower scale, stem first."""
+    for up, skip in zip(self.ups, reversed(skips)):
+      x = up(x, skip)
+    return self.head(x)[..., 0]
+
+
+def check_slab_input(x: jax.Array, *, name: str, stride: int, image_size=None) -> None:
+  """Raises ValueError unless x is [B, S, H, W, 3] with H, W divisible by `stride`.
+
+  `image_size` (H, W), when given, must match exactly (a learned position embedding).
+  """
+  shape = tuple(x.shape)
+  ok = len(shape) == 5 and shape[-1] == 3 and shape[2] % stride == 0 and shape[3] % stride == 0
+  if ok and image_size is not None:
+    ok = tuple(shape[2:4]) == tuple(image_size)
+  if not ok:
+    if image_size is None:
+      expected = f"[B, S, H, W, 3] with H, W divisible by {stride}"
+    else:
+      h, w = image_size
+      expected = (f"[B, S, {h}, {w}, 3] (model.image_size; the position embedding is sized "
+                  f"for it)")
+    raise ValueError(f"{name} expects {expected}; got {shape}")
