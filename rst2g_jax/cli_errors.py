@@ -1,0 +1,45 @@
+"""How command-line entry points end on errors a user can fix: one line, no traceback.
+
+Library code raises specific exceptions whose message names the file or case and
+what was expected; entry points wrap their body in `one_line_errors()` so those
+end the process with the message and a non-zero exit code. Anything else is a
+bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Exception types whose message is the whole story (imported lazily)."""
+  from rst2g_jax import input_pipeline, splits  # pylint: disable=g-import-not-at-top
+  from tfds_builders import base, records  # pylint: disable=g-import-not-at-top
+  kinds = [base.ManualDirError, records.CaseError, input_pipeline.DataError, splits.SplitsError]
+  try:
+    from rst2g_jax import train  # pylint: disable=g-import-not-at-top
+    kinds.append(train.TrainingError)
+  except ImportError:
+    pass
+  return tuple(kinds)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+  """Turns user-fixable errors into `error: <message>` + exit 1, signals into 128+signum."""
+  try:
+    yield
+  except KeyboardInterrupt:
+    print("error: interrupted (SIGINT)", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
+  except Exception as e:  # pylint: disable=broad-except
+    from rst2g_jax import train  # pylint: disable=g-import-not-at-top
+    if isinstance(e, train.Interrupted):
+      print(f"stopped: {e}", file=sys.stderr, flush=True)
+      sys.exit(128 + e.signum)
+    if isinstance(e, _user_errors()):
+      message = " ".join(str(e).split())  # one line, whatever the message held
+      print(f"error: {message}", file=sys.stderr, flush=True)
+      sys.exit(1)
+    raise
