@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.isa = ml_collections.ConfigDict({"mode": "paper"})  # "paper": graph per slice | "slab"
   m.bn_momentum = 0.9         # Flax convention (PyTorch momentum 0.1)
   m.bn_epsilon = 1e-5
+  # Running variance from the unbiased batch variance, as torch.nn.BatchNorm2d (the paper's
+  # framework) does; False gives flax.nnx.BatchNorm's biased update.
+  m.bn_unbiased_running_var = True
 
   # --- data (DESIGN.md §2-3) ---
   config.data = d = ml_collections.ConfigDict()

@@ -20,10 +20,38 @@ class LayerOptions:
   dtype: jnp.dtype = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  bn_unbiased_running_var: bool = True
 
   @classmethod
   def from_config(cls, cfg, dtype) -> "LayerOptions":
-    return cls(dtype=dtype, bn_momentum=cfg.bn_momentum, bn_epsilon=cfg.bn_epsilon)
+    return cls(dtype=dtype, bn_momentum=cfg.bn_momentum, bn_epsilon=cfg.bn_epsilon,
+               bn_unbiased_running_var=cfg.get("bn_unbiased_running_var", True))
+
+
+class BatchNorm(nnx.BatchNorm):
+  """nnx.BatchNorm whose running variance can track the unbiased batch variance.
+
+  torch.nn.BatchNorm2d, which the paper's authors trained with, normalises by the biased batch
+  variance but accumulates the unbiased one (x n/(n-1), n elements per channel); nnx.BatchNorm
+  accumulates the biased one, so its running variance settles (n-1)/n of PyTorch's. With
+  `unbiased_running_var=False` this is exactly nnx.BatchNorm.
+  """
+
+  def __init__(self, num_features: int, *, unbiased_running_var: bool = True, **kwargs):
+    super().__init__(num_features, **kwargs)
+    self.unbiased_running_var = unbiased_running_var
+
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    old_var = self.var[...]
+    y = super().__call__(x, use_running_average, mask=mask)
+    training = not (self.use_running_average if use_running_average is None else use_running_average)
+    if training and self.unbiased_running_var and mask is None:
+      n = x.size // x.shape[-1]
+      # super() stored m*old + (1-m)*v; PyTorch's is m*old + (1-m)*v*n/(n-1).
+      new_var = self.var[...]
+      self.var[...] = jax.lax.stop_gradient(
+          new_var + (new_var - self.momentum * old_var) / max(n - 1, 1))
+    return y
 
 
 def conv(in_features: int, out_features: int, kernel_size: int, opts: LayerOptions,
@@ -55,8 +83,9 @@ class ConvBNReLU(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3,
                opts: LayerOptions, rngs: nnx.Rngs):
     self.conv = conv(in_features, out_features, kernel_size, opts, rngs, use_bias=False)
-    self.bn = nnx.BatchNorm(out_features, momentum=opts.bn_momentum, epsilon=opts.bn_epsilon,
-                            dtype=opts.dtype, rngs=rngs)
+    self.bn = BatchNorm(out_features, momentum=opts.bn_momentum, epsilon=opts.bn_epsilon,
+                        unbiased_running_var=opts.bn_unbiased_running_var, dtype=opts.dtype,
+                        rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return nnx.relu(self.bn(self.conv(x)))
