@@ -58,7 +58,6 @@ def get_config() -> ml_collections.ConfigDict:
   d.read_threads = 2           # threads per process decoding and slicing cases
   d.prefetch_batches = 4       # batches read ahead per process
   d.cache_mb = 1024            # normalised cases kept per process (0 disables)
-  d.stratify_by = "strata"
 
   # --- loss (DESIGN.md §5, eqs. 17-20) ---
   config.loss = ml_collections.ConfigDict()

@@ -15,5 +15,4 @@ def get_config():
   config.data.builder = "mama_mia"
   config.data.builder_config = "default"
   config.data.post_phase = 1           # first post-contrast (every case has >= 2 phases)
-  config.data.stratify_by = "strata"   # = sub-collection index
   return config

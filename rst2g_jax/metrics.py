@@ -147,7 +147,8 @@ def summarize(per_case: list[dict]) -> dict:
   """
   summary: dict = {}
   for key in SUMMARY_KEYS:
-    values = np.asarray([float(c[key]) for c in per_case], dtype=np.float64)
+    # None: undefined, as strict JSON files written by the results module store NaN.
+    values = np.asarray([np.nan if c[key] is None else c[key] for c in per_case], np.float64)
     defined = values[~np.isnan(values)]
     n = int(defined.size)
     summary[key] = {

@@ -26,7 +26,7 @@ from rst2g_jax import metrics as metrics_lib
 
 TABLE_METRICS = ("dsc", "ji", "rvd", "abs_rvd", "hd95", "assd")
 _PERCENT = {"dsc", "ji"}
-_LABELS = {"dsc": "DSC/%", "ji": "JI/%", "rvd": "RVD", "abs_rvd": "|RVD|",
+_LABELS = {"dsc": "DSC/%", "ji": "JI/%", "rvd": "RVD", "abs_rvd": "\\|RVD\\|",
            "hd95": "HD95/mm", "assd": "ASSD/mm"}
 
 CONVENTION = (
@@ -43,7 +43,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=True) + "\n")
+  tmp.write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
   tmp.replace(path)
 
 
@@ -51,21 +51,28 @@ def read_json(path: str | os.PathLike) -> Any:
   return json.loads(pathlib.Path(path).read_text())
 
 
+def as_float(value) -> float:
+  """A metric read back from JSON, where an undefined value was written as null."""
+  return float("nan") if value is None else float(value)
+
+
 def _jsonable(obj: Any) -> Any:
   if isinstance(obj, dict):
     return {str(k): _jsonable(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [_jsonable(v) for v in obj]
-  if isinstance(obj, np.generic):
-    return obj.item()
   if isinstance(obj, np.ndarray):
-    return obj.tolist()
+    return _jsonable(obj.tolist())
+  if isinstance(obj, np.generic):
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None   # strict JSON: an undefined metric (e.g. the SD of one value) is null
   return obj
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
   with open(path, "a") as f:
-    f.write(json.dumps(_jsonable(record)) + "\n")
+    f.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -135,13 +142,14 @@ def aggregate(fold_records: Sequence[dict]) -> dict:
   SD over cases (the spread between patients rather than between folds).
   """
   folds = sorted(fold_records, key=lambda r: r["fold"])
-  over_folds = {k: _mean_sd(r["summary"][k]["mean"] for r in folds) for k in TABLE_METRICS}
+  over_folds = {k: _mean_sd(as_float(r["summary"][k]["mean"]) for r in folds)
+                for k in TABLE_METRICS}
   by_case: dict[str, dict[str, list[float]]] = {}
   for r in folds:
     for c in r["per_case"]:
       slot = by_case.setdefault(c["case_id"], {k: [] for k in TABLE_METRICS})
       for k in TABLE_METRICS:
-        slot[k].append(float(c[k]))
+        slot[k].append(as_float(c[k]))
   case_means = {cid: {k: (float(np.nanmean(v)) if np.any(~np.isnan(v)) else float("nan"))
                       for k, v in vals.items()} for cid, vals in by_case.items()}
   over_cases = {k: _mean_sd(m[k] for m in case_means.values()) for k in TABLE_METRICS}
@@ -157,7 +165,7 @@ def aggregate(fold_records: Sequence[dict]) -> dict:
                  "val_dsc_largest_component": r["val_dsc_largest_component"],
                  "largest_component_improves_val": r["largest_component_improves_val"],
                  "train_seconds": r["train_seconds"],
-                 **{k: r["summary"][k]["mean"] for k in TABLE_METRICS}} for r in folds],
+                 **{k: as_float(r["summary"][k]["mean"]) for k in TABLE_METRICS}} for r in folds],
   }
 
 
