@@ -9,6 +9,7 @@ indexes the records without decoding any image.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import pathlib
 from typing import Any, Iterator
 
@@ -43,6 +44,13 @@ class CollectionBuilder(tfds.core.GeneratorBasedBuilder):
   EXPECTED_LAYOUT = ""     # one line describing manual_dir's layout
   HOMEPAGE = ""
   CITATION = ""
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    # Each collection's folder carries its CITATIONS.bib; TFDS shows it in the dataset info.
+    bib = pathlib.Path(inspect.getfile(cls)).with_name("CITATIONS.bib")
+    if not cls.CITATION and bib.exists():
+      cls.CITATION = bib.read_text()
 
   def __init__(self, *, on_bad_case: str = "fail", **kwargs):
     if on_bad_case not in ("fail", "skip"):

@@ -52,8 +52,6 @@ class Builder(CollectionBuilder):
   EXPECTED_LAYOUT = ("the TCIA DICOM download, any folder names and depth: per exam the DCE series, "
                      "its SER map and the breast VOI DICOM SEG")
   HOMEPAGE = "https://doi.org/10.7937/K9/TCIA.2016.QHsyhJKy"
-  CITATION = (pathlib.Path(__file__).with_name("CITATIONS.bib").read_text()
-              if pathlib.Path(__file__).with_name("CITATIONS.bib").exists() else "")
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Download the collection's DICOM files with the NBIA Data Retriever from " + DOWNLOAD +
       " and pass the download folder as manual_dir.")

@@ -63,8 +63,6 @@ class Builder(CollectionBuilder):
                      "segmentations/expert/<ID>.nii.gz, optional clinical_and_imaging_info.xlsx and "
                      "train_test_splits.csv; names in any letter case")
   HOMEPAGE = "https://github.com/LidiaGarrucho/MAMA-MIA"
-  CITATION = (pathlib.Path(__file__).with_name("CITATIONS.bib").read_text()
-              if pathlib.Path(__file__).with_name("CITATIONS.bib").exists() else "")
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Download the MAMA-MIA release from " + DOWNLOAD + " and pass its folder (the one holding "
       "images/ and segmentations/) as manual_dir.")

@@ -76,8 +76,6 @@ class Builder(CollectionBuilder):
   EXPECTED_LAYOUT = ("the TCIA DICOM download (any folder names and depth), tcga_brca_key.yaml from " + KEY_URL +
                      ", and the TCGA-Breast-Radiogenomics lesion files <subject>*.les anywhere below manual_dir")
   HOMEPAGE = "https://doi.org/10.7937/K9/TCIA.2016.AB2NAZRP"
-  CITATION = (pathlib.Path(__file__).with_name("CITATIONS.bib").read_text()
-              if pathlib.Path(__file__).with_name("CITATIONS.bib").exists() else "")
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Put into one folder: the TCGA-BRCA MR DICOM download, the TCGA-Breast-Radiogenomics lesion files "
       "(*.les) and tcga_brca_key.yaml (" + KEY_URL + "); pass that folder as manual_dir.")

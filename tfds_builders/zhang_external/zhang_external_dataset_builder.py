@@ -53,8 +53,6 @@ class Builder(CollectionBuilder):
   COLLECTION = "Zhang external breast DCE-MRI set"
   DOWNLOAD = "https://doi.org/10.5281/zenodo.8068383"
   HOMEPAGE = "https://doi.org/10.5281/zenodo.8068383"
-  CITATION = (pathlib.Path(__file__).with_name("CITATIONS.bib").read_text()
-              if pathlib.Path(__file__).with_name("CITATIONS.bib").exists() else "")
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Download and unpack the archive from " + DOWNLOAD + " and pass the unpacked folder as manual_dir.")
 
