@@ -22,6 +22,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     kinds.append(train.TrainingError)
   except ImportError:
     pass
+  try:
+    from rst2g_jax import evaluate  # pylint: disable=g-import-not-at-top
+    kinds.append(evaluate.EvaluationError)
+  except ImportError:
+    pass
   return tuple(kinds)
 
 

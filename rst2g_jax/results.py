@@ -26,7 +26,7 @@ from rst2g_jax import metrics as metrics_lib
 
 TABLE_METRICS = ("dsc", "ji", "rvd", "abs_rvd", "hd95", "assd")
 _PERCENT = {"dsc", "ji"}
-_LABELS = {"dsc": "DSC/%", "ji": "JI/%", "rvd": "RVD", "abs_rvd": "\\|RVD\\|",
+TABLE_LABELS = {"dsc": "DSC/%", "ji": "JI/%", "rvd": "RVD", "abs_rvd": "\\|RVD\\|",
            "hd95": "HD95/mm", "assd": "ASSD/mm"}
 
 CONVENTION = (
@@ -169,7 +169,13 @@ def aggregate(fold_records: Sequence[dict]) -> dict:
   }
 
 
-def _fmt(stat: dict, key: str) -> str:
+def table_header() -> str:
+  """The header rows of every results table (one column per metric)."""
+  cols = TABLE_METRICS
+  return "| | " + " | ".join(TABLE_LABELS[k] for k in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+
+
+def format_stat(stat: dict, key: str) -> str:
   scale = 100.0 if key in _PERCENT else 1.0
   mean, sd = stat["mean"] * scale, stat["sd"] * scale
   if math.isnan(mean):
@@ -181,11 +187,11 @@ def _fmt(stat: dict, key: str) -> str:
 def results_markdown(results: dict, *, title: str = "Test results") -> str:
   """The paper's Table 1 layout (mean ± SD) plus per-fold rows."""
   cols = TABLE_METRICS
-  head = "| | " + " | ".join(_LABELS[k] for k in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+  head = table_header()
   rows = [f"| mean ± SD over folds (n={len(results['folds'])}) | "
-          + " | ".join(_fmt(results["test"][k], k) for k in cols) + " |",
+          + " | ".join(format_stat(results["test"][k], k) for k in cols) + " |",
           f"| mean ± SD over test cases (n={results['num_test_cases']}) | "
-          + " | ".join(_fmt(results["test_by_case"][k], k) for k in cols) + " |"]
+          + " | ".join(format_stat(results["test_by_case"][k], k) for k in cols) + " |"]
   fold_rows = []
   for f in results["folds"]:
     cells = []

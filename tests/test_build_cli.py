@@ -7,7 +7,9 @@ import sys
 import pytest
 
 from tfds_builders import build as build_lib
+from tfds_builders.synthetic_dce import Builder as SyntheticBuilder
 
+VERSION = str(SyntheticBuilder.VERSION)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -26,10 +28,10 @@ def one_line(stderr: str) -> str:
 def test_build_prints_summary_then_reuses(tmp_path):
   first = run_cli("synthetic_dce", f"--data_dir={tmp_path}", "--config=tiny", "--num_shards=3")
   assert first.returncode == 0, first.stderr
-  assert "synthetic_dce/tiny:1.0.0 built in" in first.stdout
+  assert f"synthetic_dce/tiny:{VERSION} built in" in first.stdout
   assert "cases written: 6" in first.stdout and "cases skipped: 0" in first.stdout
   assert "shards: 3" in first.stdout
-  version_dir = tmp_path / "synthetic_dce" / "tiny" / "1.0.0"
+  version_dir = tmp_path / "synthetic_dce" / "tiny" / VERSION
   assert len(list(version_dir.glob("*.array_record-*-of-00003"))) == 3
   size = sum(p.stat().st_size for p in version_dir.iterdir())
   assert f"bytes: {size:,} on disk" in first.stdout
@@ -41,7 +43,7 @@ def test_build_prints_summary_then_reuses(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (("no_such_builder",), "unknown builder 'no_such_builder'; available: "),
     (("synthetic_dce", "--on_bad_case=maybe"), "--on_bad_case=maybe: value should be one of <fail|skip>"),
-    (("synthetic_dce", "--config=huge"), "unknown config 'huge'; available: small, tiny, paper"),
+    (("synthetic_dce", "--config=huge"), "unknown config 'huge'; available: small, medium, tiny, paper"),
     (("synthetic_dce", "--num_shards=0"), "--num_shards=0"),
     (("synthetic_dce", "extra"), "expected one builder name, got 2"),
 ])

@@ -456,14 +456,19 @@ def _bias_field(grid: _Grid, rng, amplitude: float) -> np.ndarray:
 
 
 def _acquire(signal: np.ndarray, grid: _Grid, rng, spec) -> np.ndarray:
-  """Point spread, misregistration of post phases, bias field, scale, Rician noise."""
+  """Point spread, misregistration, bias field, scale, Rician noise.
+
+  The mask is drawn in the frame of the first post-contrast phase, where readers
+  annotate (the tumor is only visible there); the pre-contrast and later phases
+  are rigidly misregistered against it.
+  """
   scale = math.exp(rng.uniform(*np.log(spec.scale)))
   sigma = rng.uniform(*spec.noise)
   bias = _bias_field(grid, rng, spec.bias)
   images = np.empty_like(signal)
   for k in range(signal.shape[0]):
     phase = ndimage.gaussian_filter(signal[k], sigma=(0.4, 0.5, 0.5))
-    if k > 0 and spec.max_shift_vox > 0:
+    if k != 1 and spec.max_shift_vox > 0:
       shift = rng.uniform(-1, 1, 3) * spec.max_shift_vox * np.array([0.5, 1.0, 1.0])
       phase = ndimage.shift(phase, shift, order=1, mode="nearest")
     phase = phase * bias

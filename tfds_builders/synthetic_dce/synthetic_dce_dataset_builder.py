@@ -6,7 +6,6 @@ seed, so the same config always writes the same records.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import tensorflow_datasets as tfds
 
@@ -37,7 +36,7 @@ class SyntheticConfig(base.GridConfig):
   noise: tuple[float, float] = (0.03, 0.06)    # Rician sigma / pre-contrast FGT signal
   scale: tuple[float, float] = (300.0, 1200.0)  # scanner intensity of pre-contrast FGT
   bias: float = 0.25                         # std scale of the log bias-field coefficients
-  max_shift_vox: float = 1.0                 # inter-phase misregistration of post phases
+  max_shift_vox: float = 1.0                 # misregistration of the other phases vs the first post
   flip_deg: float = 12.0
   tr_ms: float = 5.0
   two_visit_fraction: float = 0.4            # share of patients with a second exam
@@ -46,13 +45,18 @@ class SyntheticConfig(base.GridConfig):
 class Builder(base.CollectionBuilder):
   """Synthetic breast DCE-MRI exams with tumor masks, generated from a seed."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: small, tiny, paper, external, external_paper."}
+  VERSION = tfds.core.Version("1.0.1")
+  RELEASE_NOTES = {
+      "1.0.0": "First release: small, tiny, paper, external, external_paper.",
+      "1.0.1": "Masks in the first post-contrast frame (pre and later phases misregistered); "
+               "config medium (180 exams on the small grid).",
+  }
   COLLECTION = "synthetic_dce"
-  CITATION = (pathlib.Path(__file__).parent / "CITATIONS.bib").read_text()   # the models it uses
   BUILDER_CONFIGS = [
       SyntheticConfig(name="small", num_cases=36, **_SMALL_GRID, **_NACT_LIKE,
                       description="CPU-sized default: 36 exams, 16x64x64, NACT-like 3 phases."),
+      SyntheticConfig(name="medium", num_cases=180, **_SMALL_GRID, **_NACT_LIKE,
+                      description="The small grid with 5x the exams: the 5-fold CPU default (configs/synthetic.py)."),
       SyntheticConfig(name="tiny", shape=(8, 32, 32), spacing=(2.0, 2.0, 2.0), tumor_mm=(5.0, 10.0),
                       num_cases=6, **_NACT_LIKE, description="6 exams of 8x32x32 for tests."),
       SyntheticConfig(name="paper", num_cases=100, **_PAPER_GRID, **_NACT_LIKE,
