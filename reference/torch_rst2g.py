@@ -256,11 +256,12 @@ class RST2G(nn.Module):
   def forward(self, x):
     b, s, _, h, w = x.shape
     # One pass of the shared encoder over pre, post and res stacked on the batch axis.
-    stacked = x.permute(2, 0, 1, 3, 4).reshape(3 * b * s, 1, h, w)
+    stacked = x.permute(0, 2, 1, 3, 4).reshape(b * 3 * s, 1, h, w)   # batch-major, as the JAX model
     feats = self.encoder(stacked)
 
     def split(f):
-      return f.reshape(3, b * s, *f.shape[1:])
+      f = f.reshape(b, 3, s, *f.shape[1:])
+      return tuple(f[:, m].reshape(b * s, *f.shape[3:]) for m in range(3))
 
     if self.msr is not None:
       skips = [msr(*split(f)) for msr, f in zip(self.msr, feats[:-1])]

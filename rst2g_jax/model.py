@@ -23,6 +23,8 @@ Choices where the paper and DESIGN.md leave room (the PyTorch reference follows 
 - CDecoder (in layers.py, shared with the U-Net baseline): one UpBlock per DownBlock,
   a final 1x1 conv to one logit.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,6 +34,22 @@ from rst2g_jax import unet
 from rst2g_jax.layers import CDecoder, ConvBNReLU, DownBlock, DoubleConv, GatedFusion, LayerOptions
 
 LAYER_NORM_EPSILON = 1e-5
+
+
+def stack_modalities(x: jax.Array) -> jax.Array:
+  """[B, S, H, W, 3] -> [B * 3 * S, H, W, 1], the shared encoder's single pass.
+
+  B stays the major axis so that a batch sharded over devices stays sharded through the
+  reshapes (a modality-major stack makes XLA gather the whole batch onto every device).
+  """
+  b, s, h, w, _ = x.shape
+  return jnp.moveaxis(x, -1, 1).reshape(b * 3 * s, h, w, 1)
+
+
+def split_modalities(f: jax.Array, *, batch: int, slab: int) -> tuple[jax.Array, ...]:
+  """Inverse of `stack_modalities` on feature maps: (pre, post, res), each [B * S, h, w, c]."""
+  f = f.reshape(batch, 3, slab, *f.shape[1:])
+  return tuple(f[:, m].reshape(batch * slab, *f.shape[3:]) for m in range(3))
 
 
 def encoder_widths(cfg) -> tuple[int, ...]:
@@ -228,12 +246,8 @@ class RST2G(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     layers.check_slab_input(x, name="RST2G", stride=self.stride, image_size=self.image_size)
     b, s, h, w, _ = x.shape
-    # [B, S, H, W, 3] -> [3 * B * S, H, W, 1]: modality-major, so a reshape splits them back.
-    stacked = jnp.moveaxis(x, -1, 0).reshape(3 * b * s, h, w, 1).astype(self.dtype)
-    feats = self.encoder(stacked)
-
-    def split(f):
-      return f.reshape(3, b * s, *f.shape[1:])
+    feats = self.encoder(stack_modalities(x).astype(self.dtype))
+    split = functools.partial(split_modalities, batch=b, slab=s)
 
     if self.msr is not None:
       skips = [msr(*split(f)) for msr, f in zip(self.msr, feats[:-1])]

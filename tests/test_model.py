@@ -36,7 +36,7 @@ def part_outputs(model, x):
   """Runs RST2G part by part the way RST2G.__call__ chains them; every part's output by name."""
   b, s, h, w, _ = x.shape
   out = {}
-  f = model.encoder.stem(jnp.moveaxis(x, -1, 0).reshape(3 * b * s, h, w, 1))
+  f = model.encoder.stem(model_lib.stack_modalities(x))
   out["encoder/stem"] = f
   for i, down in enumerate(model.encoder.downs):
     f = out[f"encoder/downs/{i}"] = down(f)
@@ -45,7 +45,7 @@ def part_outputs(model, x):
                                           for i in range(len(model.encoder.downs) - 1)]
 
   def split(f):
-    return f.reshape(3, b * s, *f.shape[1:])
+    return model_lib.split_modalities(f, batch=b, slab=s)
 
   for i, (msr, f) in enumerate(zip(model.msr, encoder_maps)):
     out[f"msr/{i}"] = msr(*split(f))

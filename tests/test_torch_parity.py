@@ -142,14 +142,14 @@ def jax_parts(jm, x):
     out[name] = (inputs, fn(*inputs))
     return out[name][1]
 
-  f = run("encoder.stem", jm.encoder.stem, jnp.moveaxis(x, -1, 0).reshape(3 * b * s, h, w, 1))
+  f = run("encoder.stem", jm.encoder.stem, model_lib.stack_modalities(jnp.asarray(x)))
   feats = [f]
   for i, down in enumerate(jm.encoder.downs):
     feats.append(run(f"encoder.downs.{i}", down, feats[-1]))
   deep = run("encoder.vit", jm.encoder.vit, feats[-1])
 
   def split(f):
-    return tuple(f.reshape(3, b * s, *f.shape[1:]))
+    return model_lib.split_modalities(f, batch=b, slab=s)
 
   skips = [run(f"msr.{i}", msr, *split(f)) for i, (msr, f) in enumerate(zip(jm.msr, feats))]
   pre, post, res = split(deep)
