@@ -11,6 +11,8 @@ import contextlib
 import signal
 import sys
 
+from absl import flags
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Exception types whose message is the whole story (imported lazily)."""
@@ -48,3 +50,26 @@ def one_line_errors():
       print(f"error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)
     raise
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: list[str], *, doc: str = "") -> list[str]:
+  """absl flag parsing for commands that keep their flags in their own FlagValues.
+
+  Own FlagValues let library modules that define flags for their own command lines be
+  imported without a duplicate-flag clash. `--help` prints `doc` and the flags; a bad flag
+  or a stray positional argument is one line on stderr and exit code 2.
+  """
+  if any(a in ("-h", "--help", "-?", "--helpfull") for a in argv[1:]):
+    print(doc)
+    print(flag_values.get_help())
+    sys.exit(0)
+  flags.FLAGS([argv[0]])  # absl's own flags keep their defaults
+  try:
+    rest = flag_values(argv)
+  except flags.Error as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
+  if len(rest) > 1:
+    print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)
+    sys.exit(2)
+  return rest

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import sys
 from typing import Sequence
 
 from absl import app
@@ -30,6 +29,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from rst2g_jax import checkpointing
+from rst2g_jax import cli_errors
 from rst2g_jax import inference
 from rst2g_jax import input_pipeline
 from rst2g_jax import metrics as metrics_lib
@@ -258,20 +258,11 @@ flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
 def _parse(argv):
-  flags.FLAGS([argv[0]])  # absl's own flags keep their defaults
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+  return cli_errors.parse_flags(FLAGS, argv, doc=__doc__)
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
   logging.set_verbosity(logging.WARNING)
-  from rst2g_jax import cli_errors  # pylint: disable=g-import-not-at-top
   # Run as `python -m`, this file is `__main__`; the library module is imported once more so
   # that its EvaluationError is the class `cli_errors` knows.
   from rst2g_jax import evaluate as library  # pylint: disable=g-import-not-at-top,import-self

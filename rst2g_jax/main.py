@@ -8,12 +8,13 @@ The entry point keeps its flags in its own FlagValues: library modules that
 define absl flags for their own command lines (e.g. `tfds_builders.build`'s
 `--config`) can then be imported without a duplicate-flag clash.
 """
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from rst2g_jax import cli_errors
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,21 +26,12 @@ flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
 def _parse(argv):
-  flags.FLAGS([argv[0]])  # absl's own flags keep their defaults
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+  return cli_errors.parse_flags(FLAGS, argv, doc=__doc__)
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # progress bars and summary lines, not INFO chatter
   # Imported here so that flag errors stay fast.
-  from rst2g_jax import cli_errors  # pylint: disable=g-import-not-at-top
   from rst2g_jax import train  # pylint: disable=g-import-not-at-top
   with cli_errors.one_line_errors():
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -32,6 +32,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from rst2g_jax import cli_errors
+
 MODES = ("strong", "weak")
 
 # Dense peak FLOP/s per device by (device_kind substring, compute dtype); vendor figures.
@@ -321,22 +323,10 @@ def ensure_virtual_cpu_devices(count: int) -> None:
 
 
 def _parse(argv):
-  if any(a in ("-h", "--help", "-?", "--helpfull") for a in argv[1:]):
-    print(__doc__)
-    print(FLAGS.module_help(sys.modules[__name__]) or FLAGS.get_help())
-    sys.exit(0)
-  flags.FLAGS([argv[0]])  # absl's own flags keep their defaults
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+  return cli_errors.parse_flags(FLAGS, argv, doc=__doc__)
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
   try:
     counts = [int(d) for d in _DEVICES.value]
   except ValueError:
@@ -346,7 +336,6 @@ def main(argv):
   ensure_virtual_cpu_devices(max(counts, default=1))
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
-  from rst2g_jax import cli_errors  # pylint: disable=g-import-not-at-top
   modes = MODES if _MODE.value == "both" else (_MODE.value,)
   with cli_errors.one_line_errors():
     try:
