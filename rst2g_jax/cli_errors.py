@@ -8,6 +8,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
 import sys
 
@@ -24,11 +25,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     kinds.append(train.TrainingError)
   except ImportError:
     pass
-  try:
-    from rst2g_jax import evaluate  # pylint: disable=g-import-not-at-top
-    kinds.append(evaluate.EvaluationError)
-  except ImportError:
-    pass
+  for module, name in (("evaluate", "EvaluationError"), ("predict", "PredictError")):
+    try:
+      kinds.append(getattr(importlib.import_module(f"rst2g_jax.{module}"), name))
+    except ImportError:
+      pass
   return tuple(kinds)
 
 

@@ -23,19 +23,9 @@ from rst2g_jax import metrics as metrics_lib
 from rst2g_jax import train
 from rst2g_jax import train_state as ts
 from tests import tiny_config
-from tests.test_train import compile_cache, tiny_data  # noqa: F401  (shared session fixtures)
+from tests.test_train import compile_cache, tiny_data, trained_workdir  # noqa: F401  (session fixtures)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trained_workdir(tiny_data, compile_cache, tmp_path_factory):  # noqa: F811
-  config = tiny_config.get_config()
-  config.data.data_dir = str(tiny_data)
-  config.cv.folds = ""          # both folds, so that the ensemble has two members
-  work = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(config, work)
-  return work
 
 
 @pytest.fixture

@@ -44,6 +44,17 @@ def tiny_data(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="session")
+def trained_workdir(tiny_data, compile_cache, tmp_path_factory):  # pylint: disable=redefined-outer-name
+  """A tiny RST2G trained for 4 steps on both folds (an ensemble of two), once per session."""
+  config = tiny_config.get_config()
+  config.data.data_dir = str(tiny_data)
+  config.cv.folds = ""
+  work = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(config, work)
+  return work
+
+
 def _config(data_dir, **train_overrides):
   config = tiny_config.get_config()
   config.data.data_dir = str(data_dir)

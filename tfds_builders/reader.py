@@ -146,6 +146,27 @@ def resample_to_source(mask_zyx: np.ndarray, grid: Geometry, source: Geometry) -
   return to_array(resample(image, source, is_mask=True))
 
 
+def grid_phases(phases: Sequence[sitk.Image], shape_zyx: Sequence[int], name: str
+                ) -> tuple[np.ndarray, Geometry, Geometry]:
+  """Every phase resampled onto the stored grid: ([T, S, H, W] float32, source, grid).
+
+  The one preprocessing step that builders and `rst2g_jax.predict` share. All phases
+  must lie on the first phase's grid and be finite (CaseError naming `name` otherwise).
+  """
+  if not phases:
+    raise CaseError(f"{name}: no image phases")
+  source = Geometry.of(phases[0])
+  for index, phase in enumerate(phases[1:], start=1):
+    check_geometry(source, Geometry.of(phase), f"{name}: phase {index}")
+  # Checked before resampling, which clamps Inf and can spread or hide NaN.
+  bad = [int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in map(to_array, phases)]
+  if sum(bad):
+    raise CaseError(f"{name}: image has {sum(bad)} NaN/Inf voxels (per phase {bad})")
+  grid = grid_geometry(source, shape_zyx)
+  image = np.stack([to_array(resample(p, grid, is_mask=False)) for p in phases]).astype(np.float32)
+  return image, source, grid
+
+
 def make_record(phases: Sequence[sitk.Image], mask: sitk.Image, shape_zyx: Sequence[int], *,
                 case_id: str, patient_id: str, phase_times: Sequence[float], strata: int,
                 collection: str) -> dict[str, Any]:
@@ -154,20 +175,10 @@ def make_record(phases: Sequence[sitk.Image], mask: sitk.Image, shape_zyx: Seque
   All phases and the mask must lie on the first phase's grid (CaseError otherwise);
   the first phase's geometry is kept as `source_geometry`.
   """
-  if not phases:
-    raise CaseError(f"{case_id}: no image phases")
-  source = Geometry.of(phases[0])
-  for index, phase in enumerate(phases[1:], start=1):
-    check_geometry(source, Geometry.of(phase), f"{case_id}: phase {index}")
+  image, source, grid = grid_phases(phases, shape_zyx, case_id)
   check_geometry(source, Geometry.of(mask), f"{case_id}: mask")
   mask = sitk.Image(mask)  # do not modify the caller's image
   mask.CopyInformation(phases[0])  # sub-voxel origin differences were accepted above
-  # Checked before resampling, which clamps Inf and can spread or hide NaN.
-  bad = [int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in map(to_array, phases)]
-  if sum(bad):
-    raise CaseError(f"{case_id}: image has {sum(bad)} NaN/Inf voxels (per phase {bad})")
-  grid = grid_geometry(source, shape_zyx)
-  image = np.stack([to_array(resample(p, grid, is_mask=False)) for p in phases]).astype(np.float32)
   return {
       "image": image,
       "mask": to_array(resample(mask, grid, is_mask=True)),
@@ -185,6 +196,22 @@ def make_record(phases: Sequence[sitk.Image], mask: sitk.Image, shape_zyx: Seque
 # ------------------------------------------------------------------------------------
 # NIfTI / NRRD / MHA
 # ------------------------------------------------------------------------------------
+# `<id>_<phase>.<ext>`: MAMA-MIA's and nnU-Net's naming of one file per phase / channel.
+PHASE_FILE_RE = re.compile(r"^(?P<id>.+)_(?P<phase>\d{4})\.(?:nii|nii\.gz|nrrd|mha)$", re.IGNORECASE)
+
+
+def ordered_phase_files(numbered: dict[int, pathlib.Path], name: str, where: str | pathlib.Path
+                        ) -> list[pathlib.Path]:
+  """Phase files in phase order; CaseError when none is given or a phase number is missing."""
+  if not numbered:
+    raise CaseError(f"{name}: no phase files {name}_0000.nii.gz, ... in {where}")
+  missing = sorted(set(range(max(numbered) + 1)) - set(numbered))
+  if missing:
+    raise CaseError(f"{name}: phase file(s) {', '.join(f'_{p:04d}' for p in missing)} missing in "
+                    f"{where} (found {', '.join(f'_{p:04d}' for p in sorted(numbered))})")
+  return [numbered[p] for p in sorted(numbered)]
+
+
 def read_image(path: str | pathlib.Path, *, is_mask: bool = False) -> sitk.Image:
   """A 3D NIfTI/NRRD/MHA file; float32 for images, uint8 for masks (labels kept as they are)."""
   path = pathlib.Path(path)

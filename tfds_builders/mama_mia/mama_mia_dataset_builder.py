@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import math
 import pathlib
-import re
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,6 @@ from tfds_builders.records import CaseError
 SUB_COLLECTIONS = ("DUKE", "ISPY1", "ISPY2", "NACT")
 CLINICAL_FILE = "clinical_and_imaging_info.xlsx"
 SPLITS_FILE = "train_test_splits.csv"
-_PHASE_RE = re.compile(r"^(?P<id>.+)_(?P<phase>\d{4})\.nii(\.gz)?$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(eq=False)
@@ -105,20 +103,14 @@ def _phase_files(case: Case) -> list[pathlib.Path]:
   """The case's phase files in phase order; CaseError when a phase number is missing."""
   numbered = {}
   for path in case.folder.iterdir():
-    m = _PHASE_RE.match(path.name)
-    if not m or m["id"].upper() != case.case_id:
+    m = reader.PHASE_FILE_RE.match(path.name)
+    if not m or m["id"].upper() != case.case_id or not path.name.lower().endswith((".nii", ".nii.gz")):
       continue
     phase = int(m["phase"])
     if phase in numbered:
       raise CaseError(f"{case.case_id}: phase {phase} given twice ({numbered[phase].name}, {path.name})")
     numbered[phase] = path
-  if not numbered:
-    raise CaseError(f"{case.case_id}: no phase files {case.case_id}_0000.nii.gz, ... in {case.folder}")
-  missing = sorted(set(range(max(numbered) + 1)) - set(numbered))
-  if missing:
-    raise CaseError(f"{case.case_id}: phase file(s) {', '.join(f'_{p:04d}' for p in missing)} missing in "
-                    f"{case.folder} (found {', '.join(f'_{p:04d}' for p in sorted(numbered))})")
-  return [numbered[p] for p in sorted(numbered)]
+  return reader.ordered_phase_files(numbered, case.case_id, case.folder)
 
 
 def load_case(case: Case, shape: tuple[int, int, int]) -> dict[str, Any]:
