@@ -122,6 +122,7 @@ class FoldEnsemble:
                folds: Sequence[int], mesh: jax.sharding.Mesh):
     self.config = config
     programs = train.make_programs(config, mesh)
+    self.graphs = programs.graphs
     abstract = ts.abstract_state(jax.eval_shape(programs.init, 0), mesh)
     self.models = []
     for fold in folds:

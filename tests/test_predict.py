@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from rst2g_jax import inference
+from rst2g_jax import input_pipeline
 from rst2g_jax import predict
 from tests import dicom_factory as df
 from tests.test_train import compile_cache, tiny_data, trained_workdir  # noqa: F401  (session fixtures)
@@ -194,6 +195,23 @@ def test_fold_ensemble_is_the_mean_of_the_folds(trained_workdir, tmp_path):
   probs, mask = predict.to_source(mean.astype(np.float32), grid, both.source, threshold=0.5)
   np.testing.assert_allclose(both.probabilities, probs, atol=1e-6)
   np.testing.assert_array_equal(both.mask, mask)
+
+
+def test_same_preprocessing_as_training(trained_workdir, tiny_data, tmp_path):
+  """A training record written out as NIfTI phases gets exactly the probabilities evaluation gives it."""
+  config = predict.evaluate.trained_config(trained_workdir)
+  config.data.data_dir = str(tiny_data)
+  source, _ = input_pipeline.open_source(config.data)
+  record = source[0]
+  geometry = reader.Geometry.from_dict(record["source_geometry"])
+  for p, phase in enumerate(record["image"]):
+    sitk.WriteImage(geometry.image(phase), str(tmp_path / f"rec_{p:04d}.nii.gz"))
+  predictor = predict.Predictor(trained_workdir, folds="0")
+  prediction = predictor.predict(predict.load_study(predict.find_studies(tmp_path)[0]))
+  case = input_pipeline.load_case(source, 0, config.data)
+  expected = predictor.ensemble.evaluator.probabilities(predictor.ensemble.models[0].state, case)
+  np.testing.assert_allclose(prediction.per_fold_grid[0], expected, atol=1e-5)
+  np.testing.assert_allclose(prediction.probabilities, expected, atol=1e-5)   # grid == source here
 
 
 def test_constant_model_gives_a_constant_map_through_blending():
