@@ -1,6 +1,6 @@
 """`predict` end to end on phantoms the trained work directory never saw, written as NIfTI files.
 
-  python -m benchmarks.predict_synthetic --workdir=W [--cases=8]
+  python -m benchmarks.predict_synthetic --workdir=W [--cases=8] [--mirror_tta]
 
 Takes the held-out test exams of a work directory trained on the synthetic collection
 (`splits.json`), writes each one's phases as `<case>_0000.nii.gz`, ... (what a user would
@@ -24,6 +24,7 @@ from tfds_builders import reader
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory trained on synthetic_dce.")
 _CASES = flags.DEFINE_integer("cases", 8, "Held-out test exams to predict.")
+_TTA = flags.DEFINE_bool("mirror_tta", False, "Average over the in-plane mirror flips.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -34,7 +35,7 @@ def main(argv):
   config.data.data_dir = config.data.data_dir or str(workdir / "tfds")
   source, cases = input_pipeline.open_source(config.data)
   test_ids = json.loads((workdir / "splits.json").read_text())["test"][:_CASES.value]
-  predictor = predict.Predictor(workdir)
+  predictor = predict.Predictor(workdir, eval_overrides={"mirror_tta": _TTA.value})
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
     truth = {}
@@ -59,7 +60,7 @@ def main(argv):
       denom = mask.sum() + ref.sum()
       dice.append(1.0 if denom == 0 else 2.0 * np.logical_and(mask, ref).sum() / denom)
       print(f"{r.name}: DSC {dice[-1]:.3f}")
-  print(f"{len(results)} held-out exams, folds {predictor.folds}: mean DSC {np.mean(dice):.3f}; "
+  print(f"{len(results)} held-out exams, folds {predictor.folds}, mirror TTA {_TTA.value}: mean DSC {np.mean(dice):.3f}; "
         f"{seconds:.2f} s per study (read, preprocess, {len(predictor.folds)} folds, write)")
 
 
