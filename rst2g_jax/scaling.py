@@ -36,13 +36,15 @@ from rst2g_jax import cli_errors
 
 MODES = ("strong", "weak")
 
-# Dense peak FLOP/s per device by (device_kind substring, compute dtype); vendor figures.
-# float32 on NVIDIA is the non-tensor-core FP32 rate (XLA may use TF32 for f32 convolutions
-# on these GPUs, so f32 MFU can exceed what this peak implies).
+# Dense peak FLOP/s per device by (device_kind substring, compute dtype); vendor figures
+# (H100/H200: SXM). The one table for every MFU in the project (scaling, benchmarks/gpu_bench).
+# float32 on NVIDIA is the non-tensor-core FP32 rate; XLA may use TF32 tensor cores for f32
+# convolutions and matmuls on these GPUs (so f32 MFU can exceed 1), hence the "tfloat32" rows,
+# which gpu_bench reports beside the FP32 figure.
 PEAK_FLOPS = (
-    ("H200", "bfloat16", 989e12), ("H200", "float32", 67e12),
-    ("H100", "bfloat16", 989e12), ("H100", "float32", 67e12),
-    ("A100", "bfloat16", 312e12), ("A100", "float32", 19.5e12),
+    ("H200", "bfloat16", 989e12), ("H200", "float32", 67e12), ("H200", "tfloat32", 494.7e12),
+    ("H100", "bfloat16", 989e12), ("H100", "float32", 67e12), ("H100", "tfloat32", 494.7e12),
+    ("A100", "bfloat16", 312e12), ("A100", "float32", 19.5e12), ("A100", "tfloat32", 156e12),
     ("V100", "float32", 15.7e12),
     ("TPU v4", "bfloat16", 275e12), ("TPU v5 lite", "bfloat16", 197e12),
     ("TPU v5e", "bfloat16", 197e12), ("TPU v5p", "bfloat16", 459e12),
@@ -86,7 +88,7 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
-def _memory(compiled) -> dict[str, int]:
+def memory_analysis(compiled) -> dict[str, int]:
   """XLA's per-device memory analysis of the compiled step (bytes)."""
   mem = compiled.memory_analysis()
   if mem is None:
@@ -99,7 +101,7 @@ def _memory(compiled) -> dict[str, int]:
           "peak_bytes_estimate": peak}
 
 
-def _flops(lowered) -> float:
+def lowered_flops(lowered) -> float:
   """FLOPs of one global step, from XLA's cost analysis of the unpartitioned program.
 
   The compiled (partitioned) program's cost analysis is not a clean per-device count
@@ -112,8 +114,12 @@ def _flops(lowered) -> float:
 
 
 def measure_step(config, devices: int, global_batch: int, steps: int, *, warmup: int = 2,
-                 seed: int = 0) -> dict:
-  """Compiles and times the training step on the first `devices` devices (one row, no efficiency)."""
+                 seed: int = 0, programs=None) -> dict:
+  """Compiles and times the training step on the first `devices` devices (one row, no efficiency).
+
+  `programs`: `train.make_programs(config, mesh)` already made on that mesh, reused (its
+  compiled init included) instead of made again.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -121,12 +127,15 @@ def measure_step(config, devices: int, global_batch: int, steps: int, *, warmup:
   from rst2g_jax import train_state as ts  # pylint: disable=g-import-not-at-top
 
   mesh = ts.make_mesh(ml_collections.ConfigDict({"data": devices}))
-  programs = train.make_programs(config, mesh)
+  if programs is None:
+    programs = train.make_programs(config, mesh)
   h, w = config.model.image_size
   slab = int(config.data.slab)
   shape = (global_batch, slab, int(h), int(w), 3)
+  start = time.perf_counter()
   compiled = programs.compiled_step(shape, mesh)
-  memory = _memory(compiled)
+  compile_s = time.perf_counter() - start
+  memory = memory_analysis(compiled)
   if mesh.devices.flat[0].platform == "cpu" and memory["peak_bytes_estimate"] != "":
     # Virtual CPU devices share host memory: d devices need d times the per-device peak.
     need, available = memory["peak_bytes_estimate"] * devices, _host_available_bytes()
@@ -139,7 +148,7 @@ def measure_step(config, devices: int, global_batch: int, steps: int, *, warmup:
   image = jax.device_put(rng.standard_normal(shape, np.float32), sharding)
   mask = jax.device_put((rng.random(shape[:-1]) < 0.1).astype(np.float32), sharding)
   state = programs.init(seed)
-  flops = _flops(programs.step.lower(state, image, mask))   # traced again; the step isn't run
+  flops = lowered_flops(programs.step.lower(state, image, mask))   # traced again, not run
   for _ in range(warmup):
     state, metrics = compiled(state, image, mask)
   jax.block_until_ready((state, metrics))
@@ -169,7 +178,8 @@ def measure_step(config, devices: int, global_batch: int, steps: int, *, warmup:
           "flops_per_step": flops, "flops_per_device": flops_device,
           "device_kind": device.device_kind, "dtype": dtype,
           "peak_flops_per_device": peak if peak is not None else "",
-          "mfu": flops_device / step_time / peak if peak else "", "notes": "; ".join(notes)}
+          "mfu": flops_device / step_time / peak if peak else "", "notes": "; ".join(notes),
+          "compile_s": compile_s}   # not a CSV field
 
 
 def _efficiency(rows: list[dict], mode: str) -> None:
