@@ -74,3 +74,16 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str], *, doc: str = ""
     print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)
     sys.exit(2)
   return rest
+
+
+def run_library(module: str, flag_values: flags.FlagValues):
+  """Calls `<module>.run(flag_values)` inside `one_line_errors()`, absl logging at WARNING.
+
+  Run as `python -m`, a command's file is `__main__`; its library module is imported once
+  more here so that its exception classes are the ones `one_line_errors` knows.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  with one_line_errors():
+    return importlib.import_module(module).run(flag_values)
+

@@ -16,7 +16,6 @@ import pathlib
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 from rst2g_jax import cli_errors
@@ -123,10 +122,7 @@ def run(f) -> list[pathlib.Path]:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  from rst2g_jax import interpret as library  # pylint: disable=g-import-not-at-top,import-self
-  with cli_errors.one_line_errors():
-    library.run(FLAGS)
+  cli_errors.run_library("rst2g_jax.interpret", FLAGS)
 
 
 if __name__ == "__main__":

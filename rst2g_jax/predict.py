@@ -31,7 +31,6 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import ml_collections
 import numpy as np
 import pydicom
@@ -454,12 +453,7 @@ def run(f) -> tuple[list[StudyResult], list[tuple[str, str]]]:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  # Run as `python -m`, this file is `__main__`; the library module is imported once more so
-  # that its PredictError is the class `cli_errors` knows.
-  from rst2g_jax import predict as library  # pylint: disable=g-import-not-at-top,import-self
-  with cli_errors.one_line_errors():
-    library.run(FLAGS)
+  cli_errors.run_library("rst2g_jax.predict", FLAGS)
 
 
 if __name__ == "__main__":
