@@ -72,46 +72,31 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from rst2g_jax import convert_torch, inference, losses  # pylint: disable=g-import-not-at-top
+  from rst2g_jax import convert_torch, inference  # pylint: disable=g-import-not-at-top
   from rst2g_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from rst2g_jax import train_state as ts  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
-  mcfg, tcfg, lcfg = config.model, config.train, config.loss
+  mcfg, tcfg = config.model, config.train
   batch = _BATCH.value or int(tcfg.batch_size)
   slab = int(config.data.slab)
   h, w = model_lib.image_size(mcfg)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((batch, slab, h, w, 3)).astype(np.float32)
   y = (rng.uniform(size=(batch, slab, h, w)) > 0.8).astype(np.float32)
-  loss_kwargs = dict(bce_weight=float(lcfg.bce_weight), boundary_weight=float(lcfg.boundary_weight),
-                     dice_eps=float(lcfg.dice_eps))
+  loss_kwargs = _loss_kwargs(config)
   print(f"config {mcfg.name} image {h}x{w}, batch {batch} slabs x {slab} slices; "
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s)); "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
 
   # -- JAX: the training program of train.py, on one device --------------------------------
-  mesh = ts.make_mesh(ml_mesh(config), devices=jax.devices()[:1])
-  tx = ts.make_optimizer(tcfg)
-  graphs, init = ts.make_init(lambda rngs: model_lib.build_model(mcfg, rngs=rngs), tx, mesh)
-  state = init(0)
+  train = build_jax_train(config, x, y)
+  graphs, compiled, compile_s = train.graphs, train.compiled, train.compile_s
   # The PyTorch copy is taken now: the jitted step donates (deletes) these buffers.
   torch_weights = convert_torch.nnx_to_torch(
-      nnx.merge(graphs.train, state.params, state.model_state))
-  loss_fn = lambda logits, mask: losses.rst2g_loss(logits, mask, **loss_kwargs)  # noqa: E731
-  step = ts.make_train_step(graphs.train, loss_fn, tx, mesh, state)
-  xj = jax.device_put(jnp.asarray(x), ts.batch_sharding(mesh))
-  yj = jax.device_put(jnp.asarray(y), ts.batch_sharding(mesh))
-  start = time.perf_counter()
-  compiled = step.lower(state, xj, yj).compile()
-  compile_s = time.perf_counter() - start
+      nnx.merge(graphs.train, train.state.params, train.state.model_state))
   mem = compiled.memory_analysis()
-  holder = {"state": state}
-
-  def jax_step():
-    holder["state"], metrics = compiled(holder["state"], xj, yj)
-    jax.block_until_ready(metrics)
-
+  jax_step = train.step
   jax_step()
 
   # -- PyTorch reference, same weights -------------------------------------------------------
@@ -148,8 +133,8 @@ def main(argv):
   # -- whole-volume inference (sliding slabs, inference.py), eval mode --------------------
   volume = rng.standard_normal((_VOLUME.value, h, w, 3)).astype(np.float32)
   step_slices = int(config.eval.slab_step)
-  predict = ts.make_predict_fn(graphs.eval, mesh)
-  final = holder["state"]
+  predict = ts.make_predict_fn(graphs.eval, train.mesh)
+  final = train.state
 
   def jax_predict(slabs):
     return np.asarray(predict(final.params, final.model_state, jnp.asarray(slabs)))
@@ -192,6 +177,49 @@ def main(argv):
     print(f"jax_vs_torch_compile_train_speedup: {torch_compiled / jax_train:.2f}")
   print(f"jax_vs_torch_eager_inference_speedup: {torch_infer / jax_infer:.2f}")
   print(f"jax_vs_torch_eager_train_speedup: {torch_eager / jax_train:.2f}")
+
+
+def _loss_kwargs(config) -> dict:
+  lcfg = config.loss
+  return dict(bce_weight=float(lcfg.bce_weight), boundary_weight=float(lcfg.boundary_weight),
+              dice_eps=float(lcfg.dice_eps))
+
+
+class JaxTrain:
+  """The compiled train step of train.py on one device, on a fixed batch; `step()` runs one."""
+
+  def __init__(self, mesh, graphs, compiled, state, x, y, compile_s: float):
+    self.mesh, self.graphs, self.compiled, self.state = mesh, graphs, compiled, state
+    self.x, self.y, self.compile_s = x, y, compile_s
+
+  def step(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.state, metrics = self.compiled(self.state, self.x, self.y)
+    jax.block_until_ready(metrics)
+    return metrics
+
+
+def build_jax_train(config, x: np.ndarray, y: np.ndarray) -> JaxTrain:
+  """Initialises the model and compiles train.py's step (paper loss, Adam) for batch (x, y)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rst2g_jax import losses  # pylint: disable=g-import-not-at-top
+  from rst2g_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from rst2g_jax import train_state as ts  # pylint: disable=g-import-not-at-top
+
+  loss_kwargs = _loss_kwargs(config)
+  mesh = ts.make_mesh(ml_mesh(config), devices=jax.devices()[:1])
+  tx = ts.make_optimizer(config.train)
+  graphs, init = ts.make_init(lambda rngs: model_lib.build_model(config.model, rngs=rngs), tx,
+                              mesh)
+  state = init(0)
+  loss_fn = lambda logits, mask: losses.rst2g_loss(logits, mask, **loss_kwargs)  # noqa: E731
+  step = ts.make_train_step(graphs.train, loss_fn, tx, mesh, state)
+  xj = jax.device_put(jnp.asarray(x), ts.batch_sharding(mesh))
+  yj = jax.device_put(jnp.asarray(y), ts.batch_sharding(mesh))
+  start = time.perf_counter()
+  compiled = step.lower(state, xj, yj).compile()
+  return JaxTrain(mesh, graphs, compiled, state, xj, yj, time.perf_counter() - start)
 
 
 def ml_mesh(config):

@@ -61,8 +61,103 @@ def conv(in_features: int, out_features: int, kernel_size: int, opts: LayerOptio
                   use_bias=use_bias, dtype=opts.dtype, rngs=rngs)
 
 
+def _as_tuple(value) -> tuple:
+  if value is None:
+    return (1,)
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _is_pointwise(module: nnx.Conv) -> bool:
+  """A plain 1x1 conv: stride 1, no dilation, no groups, no mask."""
+  return (tuple(module.kernel_size) == (1, 1) and module.feature_group_count == 1
+          and module.mask is None
+          and all(int(v) == 1 for v in _as_tuple(module.strides))
+          and all(int(v) == 1 for v in _as_tuple(module.input_dilation))
+          and all(int(v) == 1 for v in _as_tuple(module.kernel_dilation)))
+
+
+def apply_conv(module: nnx.Conv, x: jax.Array) -> jax.Array:
+  """`module(x)`; a 1x1 conv runs as a matmul over the channel axis.
+
+  Same parameters, same sums: [N*H*W, C_in] @ [C_in, C_out] + bias. XLA:CPU runs a 1x1
+  convolution (and its two backward convolutions) as generic convolutions; as dots the
+  synthetic config's train step takes ~2 % less CPU time (README "CPU performance").
+  """
+  if not _is_pointwise(module):
+    return module(x)
+  kernel = module.kernel[...]
+  bias = module.bias[...] if module.bias is not None else None
+  x, kernel, bias = module.promote_dtype((x, kernel, bias), dtype=module.dtype)
+  y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0], precision=module.precision)
+  y = y.reshape(*x.shape[:-1], kernel.shape[-1])
+  return y if bias is None else y + bias
+
+
+def _pool_windows(x: jax.Array) -> jax.Array:
+  """[N, H, W, C] -> [N, H/2, 2, W/2, 2, C]: the 2x2 windows (an odd last row/column dropped)."""
+  n, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
 def max_pool2(x: jax.Array) -> jax.Array:
-  return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+  """2x2 max pooling, stride 2 (VALID), NHWC.
+
+  Same values and gradient as `nnx.max_pool(x, (2, 2), strides=(2, 2))` and PyTorch's
+  `max_pool2d(x, 2)`: the gradient goes to the first maximum of each window in row-major
+  order. Ties are common here (ReLU zeros, pixels where only a bias survives), so which
+  maximum gets the gradient matters. Written as a reshape, max and argmax, which XLA:CPU fuses
+  into a few loops: in training, `nnx.max_pool`'s reduce_window/select_and_scatter pair packs
+  values with index iotas and runs several times slower (README "CPU performance"). (A mask
+  `window == max` with a running "taken" flag gave other gradients once jitted; argmax does not.)
+  """
+  return jnp.max(_pool_windows(x), axis=(2, 4))
+
+
+def _max_pool2_fwd(x):
+  return max_pool2(x), x
+
+
+def _max_pool2_bwd(x, g):
+  windows = _pool_windows(x)                                   # [N, h, 2, w, 2, C]
+  taps = jnp.stack([windows[:, :, dy, :, dx] for dy in (0, 1) for dx in (0, 1)], axis=-1)
+  first = jnp.argmax(taps, axis=-1)                            # row-major tap of the first max
+  zero = jnp.zeros_like(g)
+  grads = [jnp.where(first == k, g, zero) for k in range(4)]
+  rows = [jnp.stack(grads[2 * dy:2 * dy + 2], axis=3) for dy in (0, 1)]   # [N, h, w, 2, C]
+  n, h, w, c = x.shape
+  dx = jnp.stack(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)     # [N, 2h, 2w, C]
+  if dx.shape != x.shape:
+    dx = jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0)))
+  return (dx,)
+
+
+max_pool2.defvjp(_max_pool2_fwd, _max_pool2_bwd)
+
+
+def conv_transpose2x2(up: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
+  """`up(x)` for a 2x2, stride-2, VALID nnx.ConvTranspose, as one matmul and a reshape.
+
+  The output windows do not overlap, so each output pixel is one input pixel times one kernel
+  tap: y[2i+a, 2j+b] = x[i, j] @ K[1-a, 1-b] + bias (lax.conv_transpose without
+  `transpose_kernel` flips the kernel). Same sums as the conv, but XLA:CPU runs this as a dot
+  whose backward pass is two dots, where the conv's weight gradient is a slow dilated
+  convolution (README "CPU performance"). Any other ConvTranspose runs as `up(x)`.
+  """
+  kernel = up.kernel[...]
+  plain = (kernel.shape[:2] == (2, 2) and _as_tuple(up.strides) == (2, 2)
+           and up.padding == "VALID" and not up.transpose_kernel and up.mask is None
+           and all(int(v) == 1 for v in _as_tuple(up.kernel_dilation)))
+  if not plain or x.ndim != 4:
+    return up(x)
+  bias = up.bias[...] if up.bias is not None else None
+  x, kernel, bias = up.promote_dtype((x, kernel, bias), dtype=up.dtype)
+  n, h, w, _ = x.shape
+  kernel = jnp.flip(kernel, (0, 1))                          # [a, b, C_in, C_out]
+  y = jnp.einsum("nijc,abco->niajbo", x, kernel, precision=up.precision)
+  y = y.reshape(n, 2 * h, 2 * w, kernel.shape[-1])
+  return y if bias is None else y + bias
 
 
 def _apply(module: nnx.Module, x: jax.Array) -> jax.Array:
@@ -88,7 +183,7 @@ class ConvBNReLU(nnx.Module):
                         rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nnx.relu(self.bn(self.conv(x)))
+    return nnx.relu(self.bn(apply_conv(self.conv, x)))
 
 
 class DoubleConv(nnx.Module):
@@ -121,7 +216,7 @@ class DownBlock(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = max_pool2(x)
     y = self.convs(x)
-    return y if self.proj is None else y + self.proj(x)
+    return y if self.proj is None else y + apply_conv(self.proj, x)
 
 
 class UpBlock(nnx.Module):
@@ -134,7 +229,7 @@ class UpBlock(nnx.Module):
     self.convs = DoubleConv(2 * out_features, out_features, opts=opts, rngs=rngs)
 
   def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
-    x = self.up(x)
+    x = conv_transpose2x2(self.up, x)
     return self.convs(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1))
 
 
@@ -150,8 +245,8 @@ class GatedFusion(nnx.Module):
     self.gate = conv(features, 1, 1, opts, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    fused = self.mlp_out(nnx.relu(self.mlp_in(x)))
-    return fused * nnx.sigmoid(self.gate(fused))
+    fused = apply_conv(self.mlp_out, nnx.relu(apply_conv(self.mlp_in, x)))
+    return fused * nnx.sigmoid(apply_conv(self.gate, fused))
 
 
 class CDecoder(nnx.Module):
@@ -168,7 +263,7 @@ class CDecoder(nnx.Module):
     """x: bottleneck; skips: features of every shallower scale, stem first."""
     for up, skip in zip(self.ups, reversed(skips)):
       x = up(x, skip)
-    return self.head(x)[..., 0]
+    return apply_conv(self.head, x)[..., 0]
 
 
 def check_slab_input(x: jax.Array, *, name: str, stride: int, image_size=None) -> None:

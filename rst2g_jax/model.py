@@ -205,7 +205,7 @@ class InterSliceAttention(nnx.Module):
     bs, h, w, c = f.shape
     graphs = bs if self.mode == "paper" else bs // slab
     f = self.gat(f.reshape(graphs, -1, c)).reshape(bs, h, w, c)
-    return f * nnx.sigmoid(self.gate(f))
+    return f * nnx.sigmoid(layers.apply_conv(self.gate, f))
 
 
 class STGE(nnx.Module):
