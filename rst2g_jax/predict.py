@@ -67,7 +67,7 @@ class Study:
   """The phases of one study on their own grid (pre-contrast first)."""
   name: str
   phases: list[sitk.Image]
-  post_headers: list[list[reader.DicomHeader]] | None = None   # dicom: sorted files of each phase
+  phase_headers: list[list[reader.DicomHeader]] | None = None   # dicom: sorted files of each phase
 
 
 def _safe_name(text: str) -> str:
@@ -301,7 +301,7 @@ def dicom_seg(study: Study, mask: np.ndarray, post_phase: int, *,
   """A binary DICOM SEG of `mask` referencing the post-contrast phase's images."""
   import highdicom as hd  # pylint: disable=g-import-not-at-top
   from pydicom.sr.codedict import codes  # pylint: disable=g-import-not-at-top
-  headers = study.post_headers[post_phase]
+  headers = study.phase_headers[post_phase]
   sources = [pydicom.dcmread(h.path) for h in headers]   # sorted along the normal, as `mask`
   description = hd.seg.SegmentDescription(
       segment_number=1, segment_label="tumor",
@@ -350,7 +350,7 @@ def write_study(study: Study, prediction: Prediction, out_dir: pathlib.Path, *, 
   if save_probabilities:
     outputs.append(out_dir / f"{study.name}_prob.nii.gz")
     write_nifti(outputs[-1], prediction.probabilities, prediction.source)
-  if seg and study.post_headers is not None:
+  if seg and study.phase_headers is not None:
     dataset = dicom_seg(study, prediction.mask, post_phase, copy_patient_module=copy_patient_module)
     outputs.append(out_dir / f"{study.name}_seg.dcm")
     _replace(outputs[-1], lambda tmp: dataset.save_as(tmp, enforce_file_format=True))

@@ -23,7 +23,6 @@ from rst2g_jax import metrics as metrics_lib
 from rst2g_jax import train
 from rst2g_jax import train_state as ts
 from tests import tiny_config
-from tests.test_train import compile_cache, tiny_data, trained_workdir  # noqa: F401  (session fixtures)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,6 @@ from rst2g_jax import gradcam
 from rst2g_jax import interpret
 from rst2g_jax import predict
 from tests.test_predict import _oblique_geometry, _write_nifti_study
-from tests.test_train import compile_cache, tiny_data, trained_workdir  # noqa: F401  (session fixtures)
 
 
 def _flags(**overrides):

@@ -1,5 +1,4 @@
 """MAMA-MIA builder on small cases written here in the release's NIfTI layout."""
-import dataclasses
 import json
 
 import numpy as np

@@ -21,7 +21,6 @@ from rst2g_jax import inference
 from rst2g_jax import input_pipeline
 from rst2g_jax import predict
 from tests import dicom_factory as df
-from tests.test_train import compile_cache, tiny_data, trained_workdir  # noqa: F401  (session fixtures)
 from tfds_builders import reader
 from tfds_builders.records import CaseError
 
@@ -135,7 +134,7 @@ def test_seg_frames_land_on_their_slices(nact_sample_dir, tmp_path):
   normal_positions = sorted(float(np.dot(f.PlanePositionSequence[0].ImagePositionPatient,
                                          geometry.matrix[:, 2]))
                             for f in seg.PerFrameFunctionalGroupsSequence)
-  headers = study.post_headers[1]
+  headers = study.phase_headers[1]
   expected = sorted([headers[k].slice_position for k in (17, 18, 19, 20, 21, 22, 40)])
   np.testing.assert_allclose(normal_positions, expected, atol=1e-3)
 

@@ -26,35 +26,6 @@ from tests import tiny_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp().parent / "rst2g_jax_cache"
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  return path
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-  """The tiny synthetic collection, built once per session."""
-  from tfds_builders import build
-  path = tmp_path_factory.mktemp("tfds")
-  build.build("synthetic_dce", data_dir=str(path), config="tiny", progress=False)
-  return path
-
-
-@pytest.fixture(scope="session")
-def trained_workdir(tiny_data, compile_cache, tmp_path_factory):  # pylint: disable=redefined-outer-name
-  """A tiny RST2G trained for 4 steps on both folds (an ensemble of two), once per session."""
-  config = tiny_config.get_config()
-  config.data.data_dir = str(tiny_data)
-  config.cv.folds = ""
-  work = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(config, work)
-  return work
-
-
 def _config(data_dir, **train_overrides):
   config = tiny_config.get_config()
   config.data.data_dir = str(data_dir)
