@@ -282,6 +282,11 @@ _IDENTIFYING = ("PatientBirthDate", "PatientSex", "PatientAge", "PatientWeight",
                 "OtherPatientIDsSequence", "IssuerOfPatientID", "InstitutionName", "StudyID")
 
 
+# Type 2 patient / study attributes highdicom copies from the source images (must exist).
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                 "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def _replace(path: pathlib.Path, write) -> None:
   """Writes through a hidden temporary in the same folder, so no half file looks complete."""
   tmp = path.with_name(f".tmp-{path.name}")
@@ -303,6 +308,10 @@ def dicom_seg(study: Study, mask: np.ndarray, post_phase: int, *,
   from pydicom.sr.codedict import codes  # pylint: disable=g-import-not-at-top
   headers = study.phase_headers[post_phase]
   sources = [pydicom.dcmread(h.path) for h in headers]   # sorted along the normal, as `mask`
+  for ds in sources:   # type 2 attributes the SEG copies; exports often leave them out
+    for keyword in _TYPE2_COPIED:
+      if keyword not in ds:
+        setattr(ds, keyword, "")
   description = hd.seg.SegmentDescription(
       segment_number=1, segment_label="tumor",
       segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,

@@ -139,6 +139,31 @@ def test_seg_frames_land_on_their_slices(nact_sample_dir, tmp_path):
   np.testing.assert_allclose(normal_positions, expected, atol=1e-3)
 
 
+def test_seg_references_the_post_phase_series_when_each_phase_is_a_series(tmp_path):
+  grid = df.Grid()
+  rng = np.random.default_rng(3)
+  phases = np.stack([df.smooth_volume(grid.shape, rng) for _ in range(3)])
+  df.write_dce(tmp_path / "in", df.Study(), grid, phases, layout="series_per_phase")
+  study = predict.load_study(predict.find_studies(tmp_path / "in")[0])
+  geometry = reader.Geometry.of(study.phases[0])
+  mask = np.zeros(geometry.shape_zyx, np.uint8)
+  mask[2:4, 3:8, 2:6] = 1
+  prediction = predict.Prediction(mask.astype(np.float32), mask, geometry, [])
+  for post_phase in (1, 2):
+    predict.write_study(study, prediction, tmp_path / f"out{post_phase}", post_phase=post_phase)
+    seg_path = tmp_path / f"out{post_phase}" / f"{study.name}_seg.dcm"
+    seg = pydicom.dcmread(seg_path)
+    post = pydicom.dcmread(study.phase_headers[post_phase][0].path, stop_before_pixels=True)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == post.SeriesInstanceUID
+    np.testing.assert_array_equal(reader.read_seg(seg_path, study.phases[0], study.name), mask)
+  empty = np.zeros_like(mask)          # no tumor found: still a valid SEG, every frame empty
+  predict.write_study(study, predict.Prediction(empty.astype(np.float32), empty, geometry, []),
+                      tmp_path / "none", post_phase=1)
+  seg_path = tmp_path / "none" / f"{study.name}_seg.dcm"
+  assert hd.seg.segread(seg_path).NumberOfFrames == geometry.shape_zyx[0]
+  assert not reader.read_seg(seg_path, study.phases[0], study.name).any()
+
+
 # -- NIfTI -----------------------------------------------------------------------------------
 def test_oblique_nifti_keeps_its_geometry(trained_workdir, tmp_path):
   geometry = _oblique_geometry()
