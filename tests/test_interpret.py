@@ -1,4 +1,8 @@
 """`python -m rst2g_jax.interpret`: Grad-CAM overlays of studies read as `predict` reads them."""
+import os
+import pathlib
+import subprocess
+import sys
 import types
 
 import matplotlib.image
@@ -60,3 +64,20 @@ def test_auto_slice_and_bad_slices(trained_workdir, tmp_path):
   with pytest.raises(predict.PredictError, match=r"a: slice\(s\) \[6\] outside its 6 slices"):
     interpret.run(_flags(workdir=str(trained_workdir), input=str(tmp_path / "in"),
                          output=str(tmp_path / "out2"), slices="1,6"))
+
+
+def test_cli_writes_overlays_and_bad_slices_are_one_line(trained_workdir, tmp_path):
+  _write_nifti_study(tmp_path / "in", "c", _oblique_geometry((24, 24, 6)))
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+  run = lambda *a: subprocess.run(  # noqa: E731
+      [sys.executable, "-m", "rst2g_jax.interpret", f"--workdir={trained_workdir}",
+       f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}", *a], cwd=root, env=env,
+      capture_output=True, text=True, timeout=120)
+  proc = run("--slices=x")
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+      "error: --slices='x'; expected 'auto' or slice numbers like 20,30"), proc.stderr
+  proc = run("--slices=3", "--fold=0")
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "out" / "c_slice3_gradcam.png").is_file()
+  assert proc.stdout.strip().endswith("c_slice3_gradcam.png")
