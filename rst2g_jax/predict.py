@@ -279,7 +279,8 @@ def to_source(probs: np.ndarray, grid: reader.Geometry, source: reader.Geometry,
 # Patient / study attributes highdicom copies from the source that can identify a person.
 _IDENTIFYING = ("PatientBirthDate", "PatientSex", "PatientAge", "PatientWeight", "PatientSize",
                 "AccessionNumber", "ReferringPhysicianName", "OtherPatientIDs",
-                "OtherPatientIDsSequence", "IssuerOfPatientID", "InstitutionName", "StudyID")
+                "OtherPatientIDsSequence", "IssuerOfPatientID", "InstitutionName", "StudyID",
+                "StudyDate", "StudyTime")
 
 
 # Type 2 patient / study attributes highdicom copies from the source images (must exist).

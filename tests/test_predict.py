@@ -113,7 +113,8 @@ def test_real_exam_mask_has_the_dce_geometry_and_a_valid_seg(nact_sample_dir, tr
   assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
   # No patient identifiers from the headers: the study name stands in for them.
   assert str(seg.PatientName) == "UCSF-BR-06" and str(source.PatientName) != "UCSF-BR-06"
-  assert seg.get("AccessionNumber", "") == "" and seg.get("PatientAge", "") == ""
+  for keyword in ("AccessionNumber", "PatientAge", "PatientSex", "StudyDate", "StudyID"):
+    assert seg.get(keyword, "") == "", keyword
 
 
 def test_seg_frames_land_on_their_slices(nact_sample_dir, tmp_path):
@@ -137,6 +138,11 @@ def test_seg_frames_land_on_their_slices(nact_sample_dir, tmp_path):
   headers = study.phase_headers[1]
   expected = sorted([headers[k].slice_position for k in (17, 18, 19, 20, 21, 22, 40)])
   np.testing.assert_allclose(normal_positions, expected, atol=1e-3)
+  # For a PACS the user may keep the source's patient module.
+  predict.write_study(study, prediction, tmp_path / "pacs", post_phase=1, copy_patient_module=True)
+  source = pydicom.dcmread(headers[0].path, stop_before_pixels=True)
+  kept = pydicom.dcmread(tmp_path / "pacs" / "UCSF-BR-06_seg.dcm", stop_before_pixels=True)
+  assert kept.PatientName == source.PatientName and kept.StudyDate == source.StudyDate
 
 
 def test_seg_references_the_post_phase_series_when_each_phase_is_a_series(tmp_path):
