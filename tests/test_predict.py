@@ -170,6 +170,20 @@ def test_seg_references_the_post_phase_series_when_each_phase_is_a_series(tmp_pa
   assert not reader.read_seg(seg_path, study.phases[0], study.name).any()
 
 
+def test_batch_of_dicom_studies(trained_workdir, tmp_path, capsys):
+  """Two exams below one folder: one output each, named by their folders, one line each."""
+  for name, seed in (("visit_a", 0), ("visit_b", 1)):
+    df.write_nact_exam(tmp_path / "in" / name, seed=seed)
+  results, _ = predict.run(_flags(workdir=str(trained_workdir), input=str(tmp_path / "in"),
+                                  output=str(tmp_path / "out"), folds="0"))
+  assert [r.name for r in results] == ["visit_a", "visit_b"]
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+      "visit_a.nii.gz", "visit_a_seg.dcm", "visit_b.nii.gz", "visit_b_seg.dcm", "volumes.csv"]
+  out = capsys.readouterr().out
+  assert "visit_a: tumor volume" in out and "visit_b: tumor volume" in out
+  assert "UCSF-BR-99" not in out                      # the headers' PatientID never shows
+
+
 # -- NIfTI -----------------------------------------------------------------------------------
 def test_oblique_nifti_keeps_its_geometry(trained_workdir, tmp_path):
   geometry = _oblique_geometry()
