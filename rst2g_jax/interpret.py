@@ -107,7 +107,7 @@ def run(f) -> list[pathlib.Path]:
   if fold is None and pathlib.Path(f.workdir).is_dir():
     fold = evaluate.finished_folds(pathlib.Path(f.workdir).absolute())[0]
   predictor = predict_lib.Predictor(f.workdir, folds="all" if fold is None else str(fold),
-                                    post_phase=f.post_phase)
+                                    post_phase=1 if f.pre else f.post_phase)
   modality = None if predictor.config.model.name == "unet" else f.modality
   paths = []
   for ref in refs:

@@ -86,24 +86,26 @@ def _unique(refs: list[StudyRef]) -> list[StudyRef]:
 
 def _nifti_studies(root: pathlib.Path) -> list[StudyRef]:
   groups: dict[tuple[pathlib.Path, str], dict[int, pathlib.Path]] = {}
+  errors: dict[tuple[pathlib.Path, str], str] = {}
   for path in sorted(p for p in root.rglob("*") if p.is_file()):
     m = reader.PHASE_FILE_RE.match(path.name)
     if not m:
       continue
-    numbered = groups.setdefault((path.parent, m["id"]), {})
+    key = (path.parent, m["id"])
+    numbered = groups.setdefault(key, {})
     phase = int(m["phase"])
     if phase in numbered:
-      raise PredictError(f"{path.parent / m['id']}: phase {phase} given twice "
-                         f"({numbered[phase].name}, {path.name})")
+      errors.setdefault(key, f"phase {phase} given twice ({numbered[phase].name}, {path.name}) "
+                             f"in {path.parent}")
     numbered[phase] = path
   refs = []
   for (folder, case_id), numbered in groups.items():
+    ref = StudyRef(_safe_name(case_id), "nifti", folder, error=errors.get((folder, case_id)))
     try:
-      files = reader.ordered_phase_files(numbered, case_id, folder)
+      ref.phase_files = reader.ordered_phase_files(numbered, case_id, folder)
     except CaseError as e:
-      refs.append(StudyRef(_safe_name(case_id), "nifti", folder, error=str(e)))
-      continue
-    refs.append(StudyRef(_safe_name(case_id), "nifti", folder, phase_files=files))
+      ref.error = ref.error or str(e)
+    refs.append(ref)
   return refs
 
 
@@ -149,7 +151,7 @@ def find_studies(input_path: str | pathlib.Path | None = None, *, pre: str | Non
   if not root.is_dir():
     raise PredictError(f"{root}: a file; --input takes a folder (a DICOM study, NIfTI phase files "
                        f"<id>_0000.nii.gz, ..., or many studies); use --pre/--post for two files")
-  refs = _nifti_studies(root) or _dicom_studies(root)
+  refs = _nifti_studies(root) + _dicom_studies(root)
   if not refs:
     raise PredictError(f"{root}: no DICOM files and no NIfTI phase files (<id>_0000.nii.gz, "
                        f"<id>_0001.nii.gz, ...) below it")
@@ -445,7 +447,8 @@ def run(f) -> tuple[list[StudyResult], list[tuple[str, str]]]:
   refs = find_studies(f.input, pre=f.pre, post=f.post)
   if f.pre and f.post_phase not in (None, 1):
     raise PredictError(f"--post_phase={f.post_phase} with --pre/--post: the --post file is phase 1")
-  predictor = Predictor(f.workdir, folds=f.folds, post_phase=f.post_phase, eval_overrides={
+  post_phase = 1 if f.pre else f.post_phase   # the --post file is the study's phase 1
+  predictor = Predictor(f.workdir, folds=f.folds, post_phase=post_phase, eval_overrides={
       "threshold": f.threshold, "largest_component": f.largest_component,
       "mirror_tta": f.mirror_tta, "blend": f.blend, "slab_step": f.slab_step})
   print(f"{len(refs)} stud{'y' if len(refs) == 1 else 'ies'}; folds {predictor.folds} of "

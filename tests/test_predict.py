@@ -305,6 +305,10 @@ def test_non_image_dicom_and_unreadable_files_are_errors(tmp_path):
   shutil.copy(tmp_path / "nii" / "x_0000.nii.gz", tmp_path / "gap" / "x_0002.nii.gz")
   with pytest.raises(predict.PredictError, match=r"x: phase file\(s\) _0001 missing"):
     predict.load_study(predict.find_studies(tmp_path / "gap")[0])
+  shutil.copy(tmp_path / "gap" / "x_0000.nii.gz", tmp_path / "gap" / "x_0001.nii")
+  shutil.copy(tmp_path / "gap" / "x_0000.nii.gz", tmp_path / "gap" / "x_0001.nii.gz")
+  with pytest.raises(predict.PredictError, match=r"x: phase 1 given twice \(x_0001.nii, x_0001.nii.gz\)"):
+    predict.load_study(predict.find_studies(tmp_path / "gap")[0])
   (tmp_path / "empty").mkdir()
   with pytest.raises(predict.PredictError, match="no DICOM files and no NIfTI phase files"):
     predict.find_studies(tmp_path / "empty")
