@@ -22,7 +22,6 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -89,15 +88,23 @@ def collection_name(data_cfg) -> str:
   return data_cfg.builder + (f"-{data_cfg.builder_config}" if data_cfg.builder_config else "")
 
 
-def check_grid(data_cfg, data_dir: pathlib.Path, model_cfg) -> tuple[int, int, int]:
-  """The collection's (S, H, W) grid; EvaluationError when (H, W) is not the model's."""
+def collection_grid(data_cfg) -> tuple[int, int, int]:
+  """The (S, H, W) grid of the collection config `data_cfg` names (nothing built or read)."""
   from tfds_builders import build as build_lib  # pylint: disable=g-import-not-at-top
   try:
-    builder = build_lib.make_builder(data_cfg.builder, data_dir=str(data_dir),
-                                     config=data_cfg.builder_config or None)
+    cls = build_lib.builder_class(data_cfg.builder)
   except build_lib.BuildError as e:
     raise EvaluationError(str(e)) from None
-  grid = tuple(int(s) for s in builder.builder_config.shape)
+  name = data_cfg.get("builder_config") or cls.BUILDER_CONFIGS[0].name
+  if name not in cls.builder_configs:
+    raise EvaluationError(f"{data_cfg.builder}: unknown config {name!r}; available: "
+                          f"{', '.join(cls.builder_configs)}")
+  return tuple(int(s) for s in cls.builder_configs[name].shape)
+
+
+def check_grid(data_cfg, model_cfg) -> tuple[int, int, int]:
+  """The collection's (S, H, W) grid; EvaluationError when (H, W) is not the model's."""
+  grid = collection_grid(data_cfg)
   if grid[1:] != model_lib.image_size(model_cfg):
     raise EvaluationError(
         f"{train.dataset_name(data_cfg)}: slices of {grid[1]}x{grid[2]} but the trained model "
@@ -188,7 +195,7 @@ def evaluate_external(config: ml_collections.ConfigDict, workdir: str | pathlib.
   folds = finished_folds(workdir)
   merged = model_config(trained, config)
   data_dir = pathlib.Path(config.data.data_dir or workdir / "tfds").absolute()
-  check_grid(merged.data, data_dir, merged.model)
+  check_grid(merged.data, merged.model)
   ts.maybe_initialize_distributed(merged.mesh)
   main_process = jax.process_index() == 0
   train.ensure_dataset(merged.data, data_dir)
@@ -250,26 +257,23 @@ def evaluate_external(config: ml_collections.ConfigDict, workdir: str | pathlib.
 # Flags live in this module's own FlagValues (as in `rst2g_jax.main`), so importing it clashes
 # with no other command's flags.
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
+config_flags.DEFINE_config_file(
     "config", None, "Evaluation config (configs/external.py); override fields with "
     "--config.<section>.<field>=<value>.", flag_values=FLAGS, lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The trained work directory to evaluate.",
-                               flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "The trained work directory to evaluate.",
+                    flag_values=FLAGS)
 flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
-def _parse(argv):
-  return cli_errors.parse_flags(FLAGS, argv, doc=__doc__)
+def run(f) -> dict:
+  """The command, from parsed flags."""
+  return evaluate_external(f.config, f.workdir)
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  # Run as `python -m`, this file is `__main__`; the library module is imported once more so
-  # that its EvaluationError is the class `cli_errors` knows.
-  from rst2g_jax import evaluate as library  # pylint: disable=g-import-not-at-top,import-self
-  with cli_errors.one_line_errors():
-    library.evaluate_external(_CONFIG.value, _WORKDIR.value)
+  del argv
+  cli_errors.run_library("rst2g_jax.evaluate", FLAGS)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=lambda argv: cli_errors.parse_flags(FLAGS, argv, doc=__doc__))

@@ -47,7 +47,7 @@ def interpret_study(predictor: predict_lib.Predictor, study: predict_lib.Study,
                     modality: str | None = None, target: str = "tumor") -> list[pathlib.Path]:
   """Writes one overlay PNG per slice of `study`; returns their paths."""
   volume, source, grid = predictor.prepare(study)
-  prediction = predictor.predict(study)
+  prediction = predictor.predict_prepared(study.name, volume, source, grid)
   source_slices, grid_slices = source.shape_zyx[0], grid.shape_zyx[0]
   if slices is None:
     slices = [int(np.argmax(prediction.mask.reshape(source_slices, -1).sum(axis=1)))

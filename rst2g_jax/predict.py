@@ -198,19 +198,6 @@ def select_folds(spec: str, finished: Sequence[int], workdir: pathlib.Path) -> l
   return folds
 
 
-def grid_shape(data_cfg) -> tuple[int, int, int]:
-  """The (S, H, W) grid of the collection the model was trained on."""
-  from tfds_builders import build as build_lib  # pylint: disable=g-import-not-at-top
-  try:
-    cls = build_lib.builder_class(data_cfg.builder)
-  except build_lib.BuildError as e:
-    raise PredictError(str(e)) from None
-  name = data_cfg.get("builder_config") or cls.BUILDER_CONFIGS[0].name
-  if name not in cls.builder_configs:
-    raise PredictError(f"{data_cfg.builder}: the trained config names an unknown builder config {name!r}")
-  return tuple(int(s) for s in cls.builder_configs[name].shape)
-
-
 @dataclasses.dataclass
 class Prediction:
   probabilities: np.ndarray        # ensemble mean, (z, y, x) float32 on the input's grid
@@ -240,7 +227,7 @@ class Predictor:
     config.mesh.data, config.mesh.distributed = -1, False
     self.config = config
     self.post_phase = int(config.data.post_phase if post_phase is None else post_phase)
-    self.grid = grid_shape(config.data)
+    self.grid = evaluate.collection_grid(config.data)
     if self.grid[1:] != model_lib.image_size(config.model):
       raise PredictError(f"{workdir}: trained grid {self.grid} does not match model.image_size "
                          f"{model_lib.image_size(config.model)}")
@@ -255,8 +242,12 @@ class Predictor:
     return volume, source, grid
 
   def predict(self, study: Study) -> Prediction:
-    volume, source, grid = self.prepare(study)
-    per_fold, mean = self.ensemble.probabilities({"image": volume, "case_id": study.name})
+    return self.predict_prepared(study.name, *self.prepare(study))
+
+  def predict_prepared(self, name: str, volume: np.ndarray, source: reader.Geometry,
+                       grid: reader.Geometry) -> Prediction:
+    """`predict` of a study already through `prepare`."""
+    per_fold, mean = self.ensemble.probabilities({"image": volume, "case_id": name})
     probs, mask = to_source(mean, grid, source, threshold=float(self.config.eval.threshold),
                             keep_largest=bool(self.config.eval.largest_component))
     return Prediction(probs, mask, source, per_fold)
@@ -310,7 +301,8 @@ def dicom_seg(study: Study, mask: np.ndarray, post_phase: int, *,
   import highdicom as hd  # pylint: disable=g-import-not-at-top
   from pydicom.sr.codedict import codes  # pylint: disable=g-import-not-at-top
   headers = study.phase_headers[post_phase]
-  sources = [pydicom.dcmread(h.path) for h in headers]   # sorted along the normal, as `mask`
+  # Headers only (highdicom needs no pixels), sorted along the normal as `mask` is.
+  sources = [pydicom.dcmread(h.path, stop_before_pixels=True) for h in headers]
   for ds in sources:   # type 2 attributes the SEG copies; exports often leave them out
     for keyword in _TYPE2_COPIED:
       if keyword not in ds:
