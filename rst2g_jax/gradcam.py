@@ -125,8 +125,8 @@ def _grad_cam(graphdef, params, model_state, slab, *, index, target, modality):
                                               index=index, target=target)
   cam = weighted_activation(activation, grad)
   if modality is not None:
-    cam = cam.reshape(3, s, *cam.shape[1:])    # stack_modalities order for one slab
-    cam = cam.sum(0) if modality == "sum" else cam[MODALITIES.index(modality)]
+    per_modality = model_lib.split_modalities(cam, batch=1, slab=s)   # (pre, post, residual)
+    cam = sum(per_modality) if modality == "sum" else per_modality[MODALITIES.index(modality)]
   return normalise_maps(cam, (h, w))
 
 
