@@ -72,7 +72,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from rst2g_jax import convert_torch, inference  # pylint: disable=g-import-not-at-top
+  from rst2g_jax import convert_torch, inference, scaling  # pylint: disable=g-import-not-at-top
   from rst2g_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from rst2g_jax import train_state as ts  # pylint: disable=g-import-not-at-top
 
@@ -95,7 +95,7 @@ def main(argv):
   # The PyTorch copy is taken now: the jitted step donates (deletes) these buffers.
   torch_weights = convert_torch.nnx_to_torch(
       nnx.merge(graphs.train, train.state.params, train.state.model_state))
-  mem = compiled.memory_analysis()
+  mem = scaling.memory_analysis(compiled)   # bytes; the same figures as the scaling study
   jax_step = train.step
   jax_step()
 
@@ -159,8 +159,6 @@ def main(argv):
   jax_infer, torch_infer = infer_times["jax"], infer_times["torch"]
 
   # -- report ------------------------------------------------------------------------------
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes)
   cpu = {k: train_times[f"{k}_cpu"] * 1e3 for k in train_fns}
   print(f"jax train step:            {jax_train * 1e3:9.1f} ms  (CPU {cpu['jax']:.1f} ms; "
         f"compile {compile_s:.1f} s)")
@@ -170,9 +168,9 @@ def main(argv):
           f"ms; compile + 4 warm-up steps {torch_compile_s:.1f} s)")
   print(f"jax whole volume ({_VOLUME.value} slices):  {jax_infer * 1e3:9.1f} ms")
   print(f"torch whole volume ({_VOLUME.value} slices): {torch_infer * 1e3:9.1f} ms")
-  print(f"jax compiled train step memory: peak ~{_mb(peak)} (arguments "
-        f"{_mb(mem.argument_size_in_bytes)}, outputs {_mb(mem.output_size_in_bytes)}, "
-        f"temporaries {_mb(mem.temp_size_in_bytes)}, aliased {_mb(mem.alias_size_in_bytes)})")
+  print(f"jax compiled train step memory: peak ~{_mb(mem['peak_bytes_estimate'])} (arguments "
+        f"{_mb(mem['argument_bytes'])}, outputs {_mb(mem['output_bytes'])}, "
+        f"temporaries {_mb(mem['temp_bytes'])}, aliased {_mb(mem['alias_bytes'])})")
   if torch_compiled is not None:
     print(f"jax_vs_torch_compile_train_speedup: {torch_compiled / jax_train:.2f}")
   print(f"jax_vs_torch_eager_inference_speedup: {torch_infer / jax_infer:.2f}")
